@@ -1,0 +1,164 @@
+"""Transformer blocks and language model: training, attention weights, parameters, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from attention import TransformerConfig, attention_weights, build_language_model
+from models import LanguageModel
+
+jitted_attention_weights = nnx.jit(attention_weights)
+
+
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+TINY = dict(vocab_size=16, d_model=32, num_layers=2, num_heads=4, ffn_dim=64)
+COPY_LENGTH = 8
+
+
+def copy_batch(key, batch_size=32):
+    """Return sequences x x of random tokens x (COPY_LENGTH each), shape (b, 2 * COPY_LENGTH)."""
+    first_half = jax.random.randint(key, (batch_size, COPY_LENGTH), 0, TINY["vocab_size"])
+    return jnp.concatenate([first_half, first_half], axis=1)
+
+
+def train_copying(config, steps):
+    """Train on the copying task with Adam; return the losses of the first and last 20 steps."""
+    model = build_language_model(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = optax.adam(3e-3)
+    optimizer_state = optimizer.init(params)
+
+    def loss_fn(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+        # Only the second half is predictable: it repeats the first half.
+        log_probs = jax.nn.log_softmax(logits[:, COPY_LENGTH - 1:], axis=-1)
+        targets = tokens[:, COPY_LENGTH:, None]
+        return -jnp.mean(jnp.take_along_axis(log_probs, targets, axis=-1))
+
+    @jax.jit
+    def train_step(params, optimizer_state, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, copy_batch(key))
+        updates, optimizer_state = optimizer.update(grads, optimizer_state, params)
+        return optax.apply_updates(params, updates), optimizer_state, loss
+
+    losses = []
+    for key in jax.random.split(jax.random.key(1), steps):
+        params, optimizer_state, loss = train_step(params, optimizer_state, key)
+        losses.append(float(loss))
+    return np.mean(losses[:20]), np.mean(losses[-20:])
+
+
+@pytest.mark.parametrize("flavour", ["transformer++", "classic"])
+def test_block_flavour_learns_copying(flavour):
+    first_loss, last_loss = train_copying(TransformerConfig(**TINY, flavour=flavour), steps=300)
+
+    assert first_loss > 0.9 * np.log(TINY["vocab_size"])  # Starts near chance.
+    assert last_loss < 0.5 * first_loss
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_language_model(TransformerConfig(**TINY, num_kv_heads=2), rngs=nnx.Rngs(0))
+
+
+def test_language_model_uses_shared_class(model):
+    assert isinstance(model, LanguageModel)
+    assert model.num_layers == 2
+    assert forward(model, jnp.zeros((2, 5), jnp.int32)).shape == (2, 5, 16)
+
+
+def test_attention_weights_are_causal_distributions(model):
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 16)
+
+    weights = jitted_attention_weights(model, tokens)
+
+    assert len(weights) == 2
+    for layer_weights in weights:
+        assert layer_weights.shape == (2, 4, 6, 6)
+        np.testing.assert_allclose(layer_weights.sum(axis=-1), 1.0, atol=1e-6)
+        upper = np.triu(np.ones((6, 6), bool), k=1)
+        assert (np.asarray(layer_weights)[..., upper] == 0).all()
+
+
+def test_attention_weights_ignore_padded_keys(model):
+    tokens = jax.random.randint(jax.random.key(0), (1, 6), 0, 16)
+    mask = jnp.array([[False, False, True, True, True, True]])
+
+    weights = jitted_attention_weights(model, tokens, mask=mask)
+
+    for layer_weights in weights:
+        assert (np.asarray(layer_weights)[0, :, 2:, :2] == 0).all()
+
+
+def test_attention_weights_reproduce_layer_output(model):
+    # Mixing the values of layer 0 with the returned weights gives that layer's attention output.
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 16)
+    block = model.blocks[0]
+    x = model.embedding(tokens).astype(jnp.float32)
+    normed = block.attention_norm(x)
+    values = block.attention.value_proj(normed).reshape(2, 6, 2, 8)
+    values = jnp.repeat(values, 2, axis=2)
+
+    weights = jitted_attention_weights(model, tokens)[0]
+    mixed = jnp.einsum("bhts,bshk->bthk", weights, values).reshape(2, 6, 32)
+
+    np.testing.assert_allclose(block.attention.out_proj(mixed), block.attention(normed),
+                               atol=1e-5)
+
+
+def test_parameter_names_follow_weight_decay_convention():
+    # The optimizer decays matrices named `kernel` and exempts `bias`, `scale` and `embedding`.
+    # Per block, Transformer++: 2 norm scales, 4 attention and 3 feed-forward kernels (9).
+    # Classic: 2 norms with scale and bias, 4 attention and 2 feed-forward kernels with biases
+    # (16). Both add an embedding, a head and a final norm (1 or 2 parameters).
+    expected_counts = {"transformer++": 2 + 2 * 9 + 1, "classic": 2 + 2 * 16 + 2}
+    for flavour, expected_count in expected_counts.items():
+        config = TransformerConfig(**TINY, flavour=flavour, tie_embeddings=False)
+        model = build_language_model(config, rngs=nnx.Rngs(0))
+        params = [(path, node) for path, node in nnx.iter_graph(model)
+                  if isinstance(node, nnx.Param)]
+        assert len(params) == expected_count
+        for path, param in params:
+            name = path[-1]
+            assert name in ("kernel", "bias", "scale", "embedding"), path
+            assert (param.ndim == 2) == (name in ("kernel", "embedding")), path
+
+
+def test_flavours_have_expected_biases():
+    plus = build_language_model(TransformerConfig(**TINY), rngs=nnx.Rngs(0))
+    classic = build_language_model(TransformerConfig(**TINY, flavour="classic"),
+                                   rngs=nnx.Rngs(0))
+
+    assert plus.blocks[0].attention.query_proj.bias is None
+    assert plus.blocks[0].feed_forward.down_proj.bias is None
+    assert classic.blocks[0].attention.query_proj.bias is not None
+    assert classic.blocks[0].feed_forward.down_proj.bias is not None
+    assert classic.blocks[0].attention_norm.bias is not None
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    config = TransformerConfig(**TINY, dtype=jnp.bfloat16)
+    model = build_language_model(config, rngs=nnx.Rngs(0))
+
+    logits = forward(model, jnp.zeros((1, 4), jnp.int32))
+
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(logits).all()
+    assert model.blocks[0].attention.query_proj.kernel.dtype == jnp.float32
+    assert model.init_cache(1, 4)[0].key.dtype == jnp.bfloat16
+
+
+def test_sinusoidal_model_rejects_length_past_max_len():
+    config = TransformerConfig(**TINY, flavour="classic", max_len=8)
+    model = build_language_model(config, rngs=nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match="max_len"):
+        model.init_cache(1, 9)
+    with pytest.raises(ValueError, match="max_len"):
+        model(jnp.zeros((1, 9), jnp.int32))
