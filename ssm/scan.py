@@ -1,0 +1,169 @@
+"""Selective scan: the linear recurrence at the core of Mamba, in three interchangeable forms.
+
+For every batch row, channel e and state index n:
+
+  h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        (state, (b, e, n))
+  y_t = sum_n C_t[n] * h_t[:, n]                           (output, (b, e))
+
+Shapes use the legend of `models`: x and dt are (b, t, e), A is (e, n), B and C are (b, t, n),
+the initial state h0 and the final state are (b, e, n).
+
+- `sequential`: `jax.lax.scan` over time, one step at a time. The reference, and the lightest
+  on memory, but its length-t chain of dependent steps runs serially.
+- `associative`: `jax.lax.associative_scan` with `combine_linear_recurrence`, O(log t) depth but
+  it materialises the (b, t, e, n) decays and inputs of the whole sequence.
+- `chunked`: `jax.lax.scan` over chunks of `chunk_size` steps with an associative scan inside
+  each chunk. Each chunk is rematerialised in the backward pass (`jax.checkpoint`), so the
+  (b, chunk, e, n) tensors of only one chunk are live at a time.
+
+All three accumulate in float32 (float64 for float64 inputs) and return y in the dtype of x.
+"""
+
+import jax
+import jax.numpy as jnp
+
+SCAN_MODES = ("associative", "sequential", "chunked")
+DEFAULT_CHUNK_SIZE = 256
+
+
+def validate_scan_mode(mode: str) -> None:
+    """Raise ValueError unless `mode` names one of `SCAN_MODES`."""
+    if mode not in SCAN_MODES:
+        raise ValueError(f"scan mode must be one of {SCAN_MODES}, got {mode!r}")
+
+
+def validate_chunk_size(chunk_size: int) -> None:
+    """Raise ValueError unless `chunk_size` is an integer >= 1."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+def combine_linear_recurrence(earlier, later):
+    """Compose two segments of the recurrence h -> a * h + b (the associative scan operator).
+
+    Each argument is a pair (a, b). Applying `earlier` then `later` gives
+    h -> a_later * (a_earlier * h + b_earlier) + b_later, that is the pair
+    (a_later * a_earlier, a_later * b_earlier + b_later).
+    """
+    decay_earlier, input_earlier = earlier
+    decay_later, input_later = later
+    return decay_later * decay_earlier, decay_later * input_earlier + input_later
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+    # float32 at least: a bfloat16 carry loses the state within a few dozen steps.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _discretize(x, dt, A, B):
+    """Return the per-step decays exp(dt * A) and inputs dt * B * x, both (b, t, e, n)."""
+    decay_bten = jnp.exp(dt[..., None] * A)
+    input_bten = (dt * x)[..., None] * B[:, :, None, :]
+    return decay_bten, input_bten
+
+
+def _associative_scan(x, dt, A, B, C, h0):
+    decay_bten, input_bten = _discretize(x, dt, A, B)
+
+    # Fold the initial state into the first input, so the scan itself starts from zero.
+    first_input = decay_bten[:, 0] * h0 + input_bten[:, 0]
+    input_bten = input_bten.at[:, 0].set(first_input)
+
+    _, h_bten = jax.lax.associative_scan(
+        combine_linear_recurrence, (decay_bten, input_bten), axis=1)
+    y_bte = jnp.einsum("bten,btn->bte", h_bten, C)
+    return y_bte, h_bten[:, -1]
+
+
+def _sequential_scan(x, dt, A, B, C, h0):
+    def step(h_ben, inputs):
+        x_be, dt_be, B_bn, C_bn = inputs
+        decay_ben = jnp.exp(dt_be[..., None] * A)
+        h_ben = decay_ben * h_ben + (dt_be * x_be)[..., None] * B_bn[:, None, :]
+        y_be = jnp.einsum("ben,bn->be", h_ben, C_bn)
+        return h_ben, y_be
+
+    time_major = tuple(jnp.swapaxes(array, 0, 1) for array in (x, dt, B, C))
+    h_last, y_tbe = jax.lax.scan(step, h0, time_major)
+    return jnp.swapaxes(y_tbe, 0, 1), h_last
+
+
+def _chunked_scan(x, dt, A, B, C, h0, chunk_size):
+    batch, length, expanded = x.shape
+    num_chunks = -(-length // chunk_size)
+    padding = num_chunks * chunk_size - length
+
+    # Padded steps have dt = 0, so their decay is 1 and their input 0: the state passes through.
+    def pad_and_split(array):
+        array = jnp.pad(array, [(0, 0), (0, padding), (0, 0)])
+        array = array.reshape(batch, num_chunks, chunk_size, array.shape[-1])
+        return jnp.swapaxes(array, 0, 1)  # (chunks, b, chunk, ...)
+
+    @jax.checkpoint
+    def scan_chunk(h_ben, chunk):
+        x_c, dt_c, B_c, C_c = chunk
+        y_c, h_ben = _associative_scan(x_c, dt_c, A, B_c, C_c, h_ben)
+        return h_ben, y_c
+
+    chunks = tuple(pad_and_split(array) for array in (x, dt, B, C))
+    h_last, y_chunks = jax.lax.scan(scan_chunk, h0, chunks)
+    y_bte = jnp.swapaxes(y_chunks, 0, 1).reshape(batch, num_chunks * chunk_size, expanded)
+    return y_bte[:, :length], h_last
+
+
+def selective_scan(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    *,
+    h0: jax.Array | None = None,
+    mode: str = "associative",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[jax.Array, jax.Array]:
+    """Run the selective scan; return y (b, t, e) in the dtype of x and the final state (b, e, n).
+
+    Args:
+      x: inputs (b, t, e).
+      dt: step sizes (b, t, e), already positive (after softplus). dt = 0 leaves the state
+        unchanged, which is how callers skip padded positions.
+      A: state matrix diagonal (e, n), negative for a stable recurrence.
+      B, C: input and output projections (b, t, n).
+      h0: initial state (b, e, n); zeros when None.
+      mode: one of `SCAN_MODES`.
+      chunk_size: steps per chunk in `chunked` mode; need not divide the length.
+
+    The final state is in the accumulation dtype: float32, or float64 for float64 inputs.
+    """
+    validate_scan_mode(mode)
+    validate_chunk_size(chunk_size)
+    if x.ndim != 3 or dt.shape != x.shape:
+        raise ValueError(f"x and dt must both be (b, t, e), got {x.shape} and {dt.shape}")
+    batch, length, expanded = x.shape
+    if length < 1:
+        raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+    if A.ndim != 2 or A.shape[0] != expanded:
+        raise ValueError(f"A must be (e, n) with e = {expanded}, got {A.shape}")
+    state_size = A.shape[1]
+    if B.shape != x.shape[:2] + (state_size,) or C.shape != B.shape:
+        raise ValueError(
+            f"B and C must be (b, t, n) = {x.shape[:2] + (state_size,)}, got {B.shape} and {C.shape}")
+    if h0 is not None and h0.shape != (batch, expanded, state_size):
+        raise ValueError(f"h0 must be (b, e, n) = {(batch, expanded, state_size)}, got {h0.shape}")
+
+    accumulation = _accumulation_dtype(
+        jnp.result_type(x, dt, A, B, C, *(() if h0 is None else (h0,))))
+    x32, dt32, A32, B32, C32 = (jnp.asarray(array, accumulation) for array in (x, dt, A, B, C))
+    if h0 is None:
+        h0 = jnp.zeros((batch, expanded, state_size), accumulation)
+    h0 = jnp.asarray(h0, accumulation)
+
+    if mode == "associative":
+        y, h_last = _associative_scan(x32, dt32, A32, B32, C32, h0)
+    elif mode == "sequential":
+        y, h_last = _sequential_scan(x32, dt32, A32, B32, C32, h0)
+    else:
+        y, h_last = _chunked_scan(x32, dt32, A32, B32, C32, h0, chunk_size)
+    return y.astype(jnp.result_type(x)), h_last
+
