@@ -1,0 +1,452 @@
+"""Tests of the training job: configs, optimizer, steps, checkpoints, resume, signals, bad input.
+
+Runs use the `tiny` variants on a small text corpus written by the tests, so every run takes
+seconds. Tests that need a fresh process (SIGTERM, forced CPU devices, the command line) start
+`train.py` or a short script with the repository's interpreter.
+"""
+
+import importlib.util
+import json
+import math
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from models.registry import build_model, count_parameters
+from training import checkpoint, load_run, train_and_evaluate
+from training.config import validate_config
+from training.loop import TrainingDivergedError, initial_train_state
+from training.metrics import read_metrics
+from training.optimizer import learning_rate_schedule, weight_decay_mask
+from training.sharding import data_mesh
+from training.steps import create_train_state, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted(path for path in (REPO / "configs").glob("*.py")
+                      if path.name != "__init__.py")
+ARCHITECTURE_FILES = {"mamba": REPO / "configs" / "mamba_lm.py",
+                      "transformer": REPO / "configs" / "transformer_lm.py"}
+
+# Python-like text with enough structure for a tiny model to learn within a few dozen steps.
+CORPUS_LINES = [
+    "def add(a, b):\n    return a + b\n\n",
+    "for index in range(10):\n    print(index)\n\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n",
+    "if value is None:\n    raise ValueError('value is missing')\n\n",
+]
+
+
+@functools.cache
+def load_config_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "code.py"
+    rng = np.random.default_rng(0)
+    path.write_text("".join(CORPUS_LINES[i] for i in rng.integers(0, len(CORPUS_LINES), 600)))
+    return path
+
+
+@functools.cache
+def parameter_count(path: Path, variant: str) -> int:
+    return count_parameters(load_config_module(path).get_config(variant).model)
+
+
+def tiny_config(corpus: Path, architecture: str = "mamba", **overrides):
+    """Return the tiny variant reading `corpus`, with dotted-path overrides ("train.num_steps")."""
+    config = load_config_module(ARCHITECTURE_FILES[architecture]).get_config("tiny")
+    config.data.path = str(corpus)
+    config.data.val_fraction = 0.1
+    for dotted, value in overrides.items():
+        section, name = dotted.split("__")
+        config[section][name] = value
+    return config
+
+
+def train_losses(workdir: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(workdir, "train")]
+
+
+def checkpoint_listing(workdir: Path) -> dict[str, float]:
+    """Return every file under the workdir's checkpoint folder with its modification time."""
+    root = workdir / checkpoint.CHECKPOINT_DIR
+    return {str(path.relative_to(root)): path.stat().st_mtime
+            for path in sorted(root.rglob("*"))}
+
+
+def tree_signature(tree) -> list:
+    """Return the paths, shapes, dtypes and shardings of a pytree's leaves."""
+    return [(jax.tree_util.keystr(path), leaf.shape, leaf.dtype, getattr(leaf, "sharding", None))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def run_python(args: list[str], env_overrides: dict[str, str] | None = None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_overrides or {})}
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+# ---- configs
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES, ids=lambda path: path.name)
+def test_config_file_builds_every_variant(config_file):
+    module = load_config_module(config_file)
+    assert "python train.py --config=configs/" in module.__doc__
+    for variant in module.VARIANTS:
+        config = module.get_config(variant)
+        validate_config(config, num_devices=1)
+        assert parameter_count(config_file, variant) > 0, variant
+
+
+def test_parameter_counts_match_across_architectures():
+    mamba = load_config_module(ARCHITECTURE_FILES["mamba"])
+    transformer = load_config_module(ARCHITECTURE_FILES["transformer"])
+    assert set(mamba.VARIANTS) == set(transformer.VARIANTS)
+    for variant in mamba.VARIANTS:
+        mamba_count = parameter_count(ARCHITECTURE_FILES["mamba"], variant)
+        transformer_count = parameter_count(ARCHITECTURE_FILES["transformer"], variant)
+        assert abs(transformer_count / mamba_count - 1) <= 0.10, (
+            variant, mamba_count, transformer_count)
+
+
+def test_training_sections_match_across_architectures():
+    mamba = load_config_module(ARCHITECTURE_FILES["mamba"])
+    transformer = load_config_module(ARCHITECTURE_FILES["transformer"])
+    for variant in mamba.VARIANTS:
+        for section in ("data", "optimizer", "train"):
+            assert (mamba.get_config(variant)[section].to_dict()
+                    == transformer.get_config(variant)[section].to_dict()), (variant, section)
+
+
+def test_unknown_variant_names_allowed_ones():
+    module = load_config_module(ARCHITECTURE_FILES["mamba"])
+    with pytest.raises(ValueError, match="unknown config variant 'huge'.*'tiny'"):
+        module.get_config("huge")
+
+
+def test_unknown_model_field_names_allowed_ones():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").model.to_dict()
+    config["d_modle"] = 8
+    with pytest.raises(ValueError, match="d_modle.*allowed fields: .*d_model"):
+        build_model(config, rngs=nnx.Rngs(0))
+
+
+def test_unknown_architecture_names_allowed_ones():
+    with pytest.raises(ValueError, match="'rwkv'.*'mamba', 'transformer'"):
+        build_model({"architecture": "rwkv"}, rngs=nnx.Rngs(0))
+
+
+# ---- optimizer and steps
+
+
+def test_weight_decay_mask_follows_parameter_names():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
+    _, params = nnx.split(build_model(config.model, rngs=nnx.Rngs(0)), nnx.Param)
+    mask = weight_decay_mask(nnx.to_pure_dict(params))
+    decayed = {jax.tree_util.keystr(path): flag
+               for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
+
+    for path, flag in decayed.items():
+        last_name = path.rsplit("[", 1)[-1].strip("']")
+        if last_name in ("A_log", "D", "bias", "scale", "embedding"):
+            assert not flag, path
+    assert decayed["['blocks'][0]['mixer']['in_proj']['kernel']"]
+    assert decayed["['blocks'][0]['mixer']['out_proj']['kernel']"]
+    assert not decayed["['blocks'][0]['mixer']['A_log']"]
+    assert not decayed["['embedding']['embedding']"]
+
+
+def test_learning_rate_warmup_then_cosine():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").optimizer
+    config.unlock()
+    config.learning_rate, config.warmup_steps, config.final_learning_rate_fraction = 1.0, 10, 0.1
+    schedule = learning_rate_schedule(config, num_steps=110)
+
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # cosine midpoint
+    assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_gradient_accumulation_matches_one_full_batch(corpus_file):
+    config = tiny_config(corpus_file)
+    mesh = data_mesh()
+    state = initial_train_state(config, mesh)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 17)), jnp.int32)
+
+    full_state, full_metrics = jax.jit(train_step)(state, tokens.reshape(1, 8, 17))
+    micro_state, micro_metrics = jax.jit(train_step)(state, tokens.reshape(4, 2, 17))
+
+    assert float(micro_metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-5)
+    assert float(micro_metrics["grad_norm"]) == pytest.approx(
+        float(full_metrics["grad_norm"]), rel=1e-4)
+    for full, micro in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(micro_state.params)):
+        np.testing.assert_allclose(np.asarray(micro), np.asarray(full), rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_counts_steps_in_state_and_optimizer(corpus_file):
+    state = initial_train_state(tiny_config(corpus_file), data_mesh())
+    tokens = jnp.zeros((1, 8, 17), jnp.int32)
+    for _ in range(3):
+        state, _ = jax.jit(train_step)(state, tokens)
+    assert int(state.step) == 3
+    adam_state = state.opt_state[1][0]
+    assert int(adam_state.count) == 3
+
+
+# ---- end-to-end runs
+
+
+@pytest.mark.parametrize("architecture", ["mamba", "transformer"])
+def test_tiny_run_loss_falls(corpus_file, tmp_path, architecture):
+    config = tiny_config(corpus_file, architecture, train__num_steps=30, optimizer__warmup_steps=5,
+                         train__eval_every=15)
+    train_and_evaluate(config, tmp_path)
+
+    losses = train_losses(tmp_path)
+    assert [record["step"] for record in read_metrics(tmp_path, "train")] == list(range(1, 31))
+    assert np.mean(losses[-5:]) < losses[0] - 0.5
+    val = read_metrics(tmp_path, "val")
+    assert [record["step"] for record in val] == [15, 30]
+    assert val[-1]["bits_per_byte"] < val[0]["bits_per_byte"]
+    assert val[-1]["bits_per_byte"] == pytest.approx(val[-1]["loss"] / math.log(2))
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+NUM_STEPS_INTERRUPTED = 80
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(corpus_file, tmp_path_factory):
+    """Start tiny training in `train.py`, send SIGTERM after its third step, wait for the exit."""
+    workdir = tmp_path_factory.mktemp("interrupted")
+    process = run_python([
+        "train.py", "--config=configs/mamba_lm.py:tiny", f"--workdir={workdir}",
+        f"--config.data.path={corpus_file}", "--config.data.val_fraction=0.1",
+        f"--config.train.num_steps={NUM_STEPS_INTERRUPTED}", "--config.train.eval_every=1000",
+        "--config.train.checkpoint_every=1000"])
+    metrics_path = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    return workdir, process.returncode, output
+
+
+def test_sigterm_saves_restorable_checkpoint(interrupted_run, corpus_file):
+    workdir, returncode, output = interrupted_run
+    assert returncode == 0, output
+    assert "received SIGTERM" in output
+
+    stopped_at = read_metrics(workdir, "train")[-1]["step"]
+    assert 3 <= stopped_at < NUM_STEPS_INTERRUPTED
+    model, config = load_run(workdir)
+    assert config.train.num_steps == NUM_STEPS_INTERRUPTED
+    logits = model(jnp.zeros((1, 4), jnp.int32))
+    assert logits.shape == (1, 4, 257)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+    manager = checkpoint.checkpoint_manager(workdir, keep=3)
+    assert manager.latest_step() == stopped_at
+    manager.close()
+
+
+def test_restored_state_matches_fresh_structure(interrupted_run):
+    workdir, _, _ = interrupted_run
+    config = checkpoint.load_config(workdir)
+    fresh = initial_train_state(config, data_mesh())
+    manager = checkpoint.checkpoint_manager(workdir, keep=3)
+    restored = checkpoint.restore_checkpoint(manager, fresh)
+    manager.close()
+
+    assert jax.tree.structure(restored) == jax.tree.structure(fresh)
+    assert tree_signature(restored) == tree_signature(fresh)
+    assert int(restored.step) == read_metrics(workdir, "train")[-1]["step"]
+    assert int(restored.opt_state[1][0].count) == int(restored.step)
+
+
+def test_resume_matches_uninterrupted_run(interrupted_run, corpus_file, tmp_path):
+    # Resume a copy, so that the other tests of the interrupted run see it as it was left.
+    workdir = tmp_path / "resumed"
+    shutil.copytree(interrupted_run[0], workdir)
+    uninterrupted = tmp_path / "uninterrupted"
+    config = tiny_config(corpus_file, train__num_steps=NUM_STEPS_INTERRUPTED,
+                         train__eval_every=1000, train__checkpoint_every=1000)
+    resumed = train_and_evaluate(config, workdir)
+    train_and_evaluate(config, uninterrupted)
+
+    steps = [record["step"] for record in read_metrics(workdir, "train")]
+    assert steps == list(range(1, NUM_STEPS_INTERRUPTED + 1))
+    with open(workdir / "metrics.jsonl") as lines:
+        logged_steps = [json.loads(line)["step"] for line in lines
+                        if json.loads(line)["split"] == "train"]
+    assert logged_steps == steps  # no step was repeated or skipped across the interruption
+    assert train_losses(workdir) == train_losses(uninterrupted)  # bit-identical floats
+    assert int(resumed.step) == NUM_STEPS_INTERRUPTED
+    assert int(resumed.opt_state[1][0].count) == NUM_STEPS_INTERRUPTED
+
+
+FOUR_DEVICE_SCRIPT = """
+import sys, jax
+from tests.test_train import tiny_config
+from training import train_and_evaluate
+assert jax.device_count() == 4, jax.devices()
+config = tiny_config(sys.argv[1], train__num_steps=6, train__eval_every=3)
+train_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_four_devices_give_same_losses_as_one(corpus_file, tmp_path):
+    four_device_dir = tmp_path / "four"
+    process = run_python(["-c", FOUR_DEVICE_SCRIPT, str(corpus_file), str(four_device_dir)],
+                         {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                          "JAX_PLATFORMS": "cpu"})
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output
+
+    assert jax.device_count() == 1
+    one_device_dir = tmp_path / "one"
+    train_and_evaluate(tiny_config(corpus_file, train__num_steps=6, train__eval_every=3),
+                       one_device_dir)
+
+    np.testing.assert_allclose(train_losses(four_device_dir), train_losses(one_device_dir),
+                               rtol=1e-5)
+    four_val = [record["loss"] for record in read_metrics(four_device_dir, "val")]
+    one_val = [record["loss"] for record in read_metrics(one_device_dir, "val")]
+    np.testing.assert_allclose(four_val, one_val, rtol=1e-5)
+
+
+# ---- bad input
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(corpus_file, tmp_path_factory) -> Path:
+    """A workdir holding the checkpoint of a finished 4-step run; tests must leave it unchanged."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train_and_evaluate(tiny_config(corpus_file, train__num_steps=4), workdir)
+    return workdir
+
+
+def bad_input_cases(corpus_file: Path, tmp_path: Path) -> list[tuple[str, dict, str]]:
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    short_file = tmp_path / "short.txt"
+    short_file.write_text("print(1)\n" * 3)
+    binary_file = tmp_path / "weights.txt"
+    binary_file.write_bytes(bytes(range(256)) * 4)
+    return [
+        ("missing corpus", {"data__path": str(tmp_path / "absent")}, "does not exist"),
+        ("empty corpus folder", {"data__path": str(empty_dir)}, str(empty_dir)),
+        ("corpus shorter than a window", {"data__path": str(short_file)}, "window"),
+        ("binary file", {"data__path": str(binary_file)}, "not a text file"),
+        ("zero seq_len", {"data__seq_len": 0}, "data.seq_len=0"),
+        ("negative batch_size", {"data__batch_size": -4}, "data.batch_size=-4"),
+        ("batch not divisible", {"optimizer__accumulation_steps": 3}, "data.batch_size=8"),
+    ]
+
+
+def test_bad_input_raises_clear_error_and_keeps_checkpoint(corpus_file, tmp_path,
+                                                           trained_workdir):
+    before = checkpoint_listing(trained_workdir)
+    for name, overrides, message in bad_input_cases(corpus_file, tmp_path):
+        config = tiny_config(corpus_file, train__num_steps=8, **overrides)
+        with pytest.raises(ValueError, match=message):
+            train_and_evaluate(config, trained_workdir)
+        assert checkpoint_listing(trained_workdir) == before, name
+
+
+def test_batch_not_divisible_over_devices_names_device_count(corpus_file):
+    config = tiny_config(corpus_file)
+    with pytest.raises(ValueError, match=r"data.batch_size=8.*devices \(3\)"):
+        validate_config(config, num_devices=3)
+
+
+def test_unwritable_workdir_raises_clear_error(corpus_file, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="is not writable"):
+        train_and_evaluate(tiny_config(corpus_file), blocker / "run")
+
+
+def test_resume_with_other_model_names_differing_fields(corpus_file, trained_workdir):
+    before = checkpoint_listing(trained_workdir)
+    config = tiny_config(corpus_file, train__num_steps=8, model__d_state=8, model__num_layers=3)
+    with pytest.raises(ValueError, match=r"d_state: 4 -> 8; num_layers: 2 -> 3"):
+        train_and_evaluate(config, trained_workdir)
+    assert checkpoint_listing(trained_workdir) == before
+
+
+def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
+    before = checkpoint_listing(trained_workdir)
+    config = tiny_config(corpus_file, train__num_steps=8, train__checkpoint_every=1,
+                         optimizer__learning_rate=float("inf"), optimizer__warmup_steps=0)
+    with pytest.raises(TrainingDivergedError, match="at step 5"):
+        train_and_evaluate(config, trained_workdir)
+    assert checkpoint_listing(trained_workdir) == before
+
+
+def test_command_line_reports_bad_input_without_traceback(tmp_path):
+    cases = [
+        (["--config=configs/mamba_lm.py:huge"], "unknown config variant 'huge'"),
+        (["--config=configs/mamba_lm.py:tiny", "--config.train.nmu_steps=5"],
+         "unknown config field 'train.nmu_steps'.*num_steps"),
+        (["--config=configs/mamba_lm.py:tiny", "--config.data.seq_len=0"],
+         r"data.seq_len=0; allowed: an integer > 0"),
+    ]
+    for flags, message in cases:
+        process = run_python(["train.py", *flags, f"--workdir={tmp_path / 'run'}"])
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode != 0, flags
+        assert "Traceback" not in output, output
+        assert any(re.search(message, line) for line in output.splitlines()), output
+    assert not (tmp_path / "run" / checkpoint.CHECKPOINT_DIR).exists()
+
+
+def test_bfloat16_compute_keeps_float32_parameters(corpus_file):
+    config = tiny_config(corpus_file, model__dtype="bfloat16")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    state = create_train_state(model, optax.sgd(0.1), lambda step: 0.1)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+
+
+def test_plot_writes_image_and_summary(trained_workdir, tmp_path, capsys):
+    from training import plot  # noqa: PLC0415 (matplotlib is only needed here)
+
+    image = tmp_path / "curves.png"
+    assert plot.main([str(trained_workdir), "--out", str(image)]) == 0
+    assert image.stat().st_size > 0
+    summary_row = capsys.readouterr().out.splitlines()[1].split()
+    assert summary_row[0] == trained_workdir.name
+    assert int(summary_row[1]) == read_metrics(trained_workdir, "train")[-1]["step"]
+    expected_bits = read_metrics(trained_workdir, "val")[-1]["bits_per_byte"]
+    assert float(summary_row[2]) == pytest.approx(expected_bits, abs=1e-3)
+
+
+def test_moving_average_of_known_values():
+    from training.plot import moving_average  # noqa: PLC0415
+
+    averaged = moving_average(np.array([1.0, 3.0, 5.0, 7.0]), window=2)
+    np.testing.assert_allclose(averaged, [1.0, 2.0, 4.0, 6.0])

@@ -1,0 +1,80 @@
+"""Train a byte-level language model; resume from the workdir's latest checkpoint if it has one.
+
+    python train.py --config=configs/mamba_lm.py --workdir=runs/mamba
+    python train.py --config=configs/transformer_lm.py:tiny --workdir=/tmp/tiny \
+        --config.train.num_steps=50
+
+The config file's `get_config(variant)` builds the config; `--config.SECTION.FIELD=VALUE`
+overrides one field. SIGTERM or Ctrl-C saves a checkpoint and exits with status 0; running the
+same command again continues the run. Metrics go to WORKDIR/metrics.jsonl and WORKDIR/tensorboard.
+"""
+
+import logging as pylogging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import training
+from training import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: configs/NAME.py[:VARIANT].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints, config.json, metrics.jsonl and TensorBoard files.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO records of orbax and JAX (a dozen lines per checkpoint), keep warnings."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
+        return record.levelno >= pylogging.WARNING or not noisy
+
+
+def _flag_values(argv: list[str], name: str) -> list[str]:
+    """Return the values of `--name=value` and `--name value` in `argv`."""
+    values = []
+    for index, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == f"--{name}" and index + 1 < len(argv):
+            values.append(argv[index + 1])
+    return values
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse the flags, first checking the config file, its variant and every override's field.
+
+    config_flags reports these errors with the traceback of the config file's loading; here each
+    one becomes a single message and exit status 2.
+    """
+    try:
+        for spec in _flag_values(argv, "config"):
+            config = config_lib.load_config_file(spec)
+            overrides = [arg[len("--config."):].split("=", 1)[0]
+                         for arg in argv if arg.startswith("--config.")]
+            config_lib.check_field_paths(config, overrides)
+        return flags.FLAGS(argv)
+    except (ValueError, flags.Error) as error:
+        sys.stderr.write(f"train.py: invalid flags: {error}\n")
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    try:
+        training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, training.TrainingDivergedError) as error:
+        logging.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main, flags_parser=parse_flags))

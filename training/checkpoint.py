@@ -1,0 +1,134 @@
+"""Checkpoints (orbax) and the saved config of a run, and `load_run` for notebooks.
+
+A workdir holds:
+
+  config.json         the full config of the run, written when the run starts
+  checkpoints/<step>/ orbax checkpoints of the training state (step, params, optimizer state)
+
+The batch order is a pure function of (seed, step, process index), so the step stored in a
+checkpoint is also the data position: a resumed run reads exactly the batches that it would have
+read without the interruption.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from models.registry import build_model
+from training import config as config_lib
+from training.optimizer import build_optimizer, learning_rate_schedule
+from training.steps import TrainState, create_train_state
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_manager(workdir: str | os.PathLike, *, keep: int) -> ocp.CheckpointManager:
+    """Open (creating if needed) the checkpoint folder of `workdir`, keeping the last `keep`."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def _saved_tree(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "params": state.params, "rest": state.rest,
+            "opt_state": state.opt_state}
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> int:
+    """Save `state` under its step (unless a checkpoint of that step exists); return the step."""
+    step = int(jax.device_get(state.step))
+    if step not in manager.all_steps():
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_saved_tree(state))))
+    return step
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
+                       step: int | None = None) -> TrainState:
+    """Restore checkpoint `step` (default: the latest) into the structure and shardings of
+    `template`, which may hold arrays or `jax.ShapeDtypeStruct`s.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint found under {manager.directory}")
+
+    def target(leaf):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+    abstract_tree = jax.tree.map(target, _saved_tree(template))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_tree)))["state"]
+    return template.replace(step=restored["step"], params=restored["params"],
+                            rest=restored["rest"], opt_state=restored["opt_state"])
+
+
+def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Write the run's config beside its checkpoints (replacing the file in one rename)."""
+    path = Path(workdir) / CONFIG_FILE
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(config.to_json(indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Read the config that a run saved in `workdir`."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"no {CONFIG_FILE} in workdir {str(workdir)!r}; is it a training workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError if the model config saved in `workdir` differs from `config.model`.
+
+    Other sections may change on resume (for example more steps or a new evaluation interval).
+    """
+    saved_fields = config_lib.model_fields(load_config(workdir))
+    current_fields = config_lib.model_fields(config)
+    if saved_fields.get("architecture") != current_fields.get("architecture"):
+        # Every other field would differ too, so name only the architecture.
+        saved_fields = {"architecture": saved_fields.get("architecture")}
+        current_fields = {"architecture": current_fields.get("architecture")}
+    differences = config_lib.differing_model_fields(saved_fields, current_fields)
+    if differences:
+        raise ValueError(
+            f"workdir {str(workdir)!r} contains checkpoints of a different model; differing model "
+            f"fields (saved -> requested): {'; '.join(differences)}. Use a new workdir, or the "
+            "saved model config to resume.")
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+    """Return the training state's shapes and dtypes for `config`, allocating no arrays."""
+    def build() -> TrainState:
+        model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
+        return create_train_state(
+            model, build_optimizer(config.optimizer, config.train.num_steps),
+            learning_rate_schedule(config.optimizer, config.train.num_steps))
+
+    return jax.eval_shape(build)
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None
+             ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+    """Return the model of a training run with restored parameters, and the run's config.
+
+    `step` selects a checkpoint (default: the latest). In a notebook:
+
+        from training import load_run
+        model, config = load_run("runs/mamba")
+        logits = model(tokens)  # (b, t) int32 byte tokens -> (b, t, vocab_size)
+    """
+    config = load_config(workdir)
+    template = abstract_train_state(config)
+    manager = checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
+    try:
+        state = restore_checkpoint(manager, template, step)
+    finally:
+        manager.close()
+    return state.model(), config

@@ -1,0 +1,256 @@
+"""The training run: setup, resume, the step loop, evaluation, checkpoints and clean stops.
+
+`train_and_evaluate(config, workdir)` is what `train.py` calls; each stage is a function of its
+own so that a notebook can run them one at a time.
+"""
+
+import functools
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+
+import data
+from models.registry import build_model, count_parameters
+from training import checkpoint, tasks
+from training.config import validate_config
+from training.metrics import MetricsWriter, progress_line
+from training.optimizer import build_optimizer, learning_rate_schedule
+from training.sharding import data_mesh, global_eval_batch, global_train_batch, replicated
+from training.steps import TrainState, bits_per_byte, create_train_state, train_step
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm of a step was not finite (NaN or infinity)."""
+
+
+class StopSignal:
+    """Turn SIGTERM and SIGINT into a request to save a checkpoint and stop after this step.
+
+    Handlers are installed on entry and the previous ones restored on exit. Outside the main
+    thread Python cannot install signal handlers, so there no signal is caught.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """Create `workdir` if needed and check that files can be written there."""
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
+            pass
+    except OSError as error:
+        raise ValueError(f"workdir {str(workdir)!r} is not writable ({error.strerror}); "
+                         "pass a folder that this user can create files in") from None
+    return path
+
+
+def load_training_data(config: ml_collections.ConfigDict) -> data.Corpus:
+    """Load the corpus and check that both splits hold at least one window of seq_len + 1."""
+    corpus = data.load_corpus(config.data.path or None, pattern=config.data.pattern,
+                              val_fraction=config.data.val_fraction,
+                              cache_dir=config.data.cache_dir or None)
+    window = config.data.seq_len + 1
+    for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < window:
+            raise ValueError(
+                f"corpus {corpus.source!r} has {len(tokens)} {split} tokens, fewer than one "
+                f"window of data.seq_len + 1 = {window}; lower data.seq_len, change "
+                "data.val_fraction, or use a larger corpus")
+    return corpus
+
+
+def load_data_source(config: ml_collections.ConfigDict) -> tasks.TextData | tasks.TaskData:
+    """Return the synthetic task that `data.task` names, or the text corpus when it is empty."""
+    if tasks.task_name(config):
+        return tasks.TaskData(config)
+    return tasks.TextData(load_training_data(config), config)
+
+
+def initial_train_state(config: ml_collections.ConfigDict, mesh) -> TrainState:
+    """Build the model and optimizer state with fresh parameters, replicated over `mesh`."""
+    model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
+    num_steps = config.train.num_steps
+    state = create_train_state(model, build_optimizer(config.optimizer, num_steps),
+                               learning_rate_schedule(config.optimizer, num_steps))
+    return jax.device_put(state, replicated(mesh))
+
+
+def evaluate(eval_fn, state: TrainState, batches: list[jax.Array], summarize=None
+             ) -> dict[str, float]:
+    """Return the mean loss in nats per token and bits per byte over the validation batches.
+
+    `summarize` turns the summed outputs of `eval_fn` into metrics; a data source's `summarize`
+    adds the accuracy of a synthetic task.
+    """
+    sums: dict[str, float] = {}
+    for batch in batches:
+        for name, value in jax.device_get(eval_fn(state, batch)).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    if summarize is not None:
+        return summarize(sums)
+    loss = sums["loss_sum"] / sums["token_count"]
+    return {"loss": loss, "bits_per_byte": bits_per_byte(loss)}
+
+
+def _check_finite(step: int, metrics: dict[str, float], manager) -> None:
+    # A finite loss and gradient can still give non-finite parameters (an infinite learning
+    # rate, an overflowing update), and those must not reach a checkpoint either.
+    for name in ("loss", "grad_norm", "param_norm"):
+        if not math.isfinite(metrics[name]):
+            last = manager.latest_step()
+            last_good = "no checkpoint" if last is None else f"the checkpoint of step {last}"
+            raise TrainingDivergedError(
+                f"{name} is {metrics[name]} at step {step}; stopping before saving anything, "
+                f"{last_good} is left as it was. Lower optimizer.learning_rate or "
+                "optimizer.grad_clip_norm, or raise optimizer.warmup_steps.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> TrainState:
+    """Train `config` in `workdir`, resuming from its latest checkpoint; return the final state.
+
+    Raises ValueError for invalid settings or inputs before any checkpoint is written, and
+    `TrainingDivergedError` when a step's loss or gradient norm is not finite.
+    """
+    # Setup: every input check runs before the checkpoint folder is opened.
+    num_processes = jax.process_count()
+    is_writer = jax.process_index() == 0
+    if not is_writer:
+        logging.set_verbosity(logging.WARNING)  # Progress lines come from process 0 only.
+    validate_config(config, num_devices=jax.device_count(), num_processes=num_processes)
+    workdir = check_workdir(workdir)
+    source = load_data_source(config)
+    if (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
+        has_checkpoint = any(entry.name.isdigit()
+                             for entry in (workdir / checkpoint.CHECKPOINT_DIR).iterdir())
+        if has_checkpoint:
+            checkpoint.check_resumable(workdir, config)
+
+    # Mesh, model and optimizer.
+    mesh = data_mesh()
+    state = initial_train_state(config, mesh)
+    logging.info("model: %s with %s parameters; devices: %d over %d process(es); %s",
+                 config.model.architecture, f"{count_parameters(config.model):,}",
+                 jax.device_count(), num_processes, source.describe())
+
+    # Restore.
+    manager = checkpoint.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
+    if manager.latest_step() is not None:
+        state = checkpoint.restore_checkpoint(manager, state)
+        logging.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
+    if is_writer:
+        checkpoint.save_config(workdir, config)
+
+    writer = MetricsWriter(workdir, enabled=is_writer)
+    try:
+        with StopSignal() as stop:
+            state = _run_steps(config, state, source, mesh, manager, writer, stop, workdir)
+        manager.wait_until_finished()
+    finally:
+        writer.close()
+        manager.close()
+    return state
+
+
+def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> TrainState:
+    train, data_config = config.train, config.data
+    num_steps = train.num_steps
+    process_batch_size = data_config.batch_size // jax.process_count()
+    tokens_per_step = data_config.batch_size * data_config.seq_len
+
+    train_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn), donate_argnums=0)
+    eval_fn = jax.jit(source.eval_fn)
+    # Task batches are dicts of (b, t) arrays; each array is placed like a token batch.
+    validation = [jax.tree.map(lambda rows: global_eval_batch(rows, mesh), batch)
+                  for batch in source.validation_batches(train.eval_batches)]
+    accumulation_steps = config.optimizer.accumulation_steps
+
+    step = int(jax.device_get(state.step))
+    first_step = step
+    start_time = time.perf_counter()
+    # Speed counts only the time inside training steps (not evaluation or checkpoints), and
+    # leaves out this process's first step, which includes compilation.
+    step_seconds, timed_steps = 0.0, 0
+
+    while step < num_steps and stop.received is None:
+        step_start = time.perf_counter()
+        local_batch = source.train_batch(train.seed, step, jax.process_index(),
+                                         process_batch_size)
+        state, metrics = train_fn(state, jax.tree.map(
+            lambda rows: global_train_batch(rows, accumulation_steps, mesh), local_batch))
+        metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        step += 1
+        _check_finite(step, metrics, manager)
+        metrics["bits_per_byte"] = bits_per_byte(metrics["loss"])
+
+        now = time.perf_counter()
+        if step > first_step + 1:
+            step_seconds += now - step_start
+            timed_steps += 1
+        writer.write(step, "train", {**metrics, "tokens": step * tokens_per_step,
+                                     "elapsed_s": now - start_time})
+
+        if step - first_step <= train.log_first_steps or step % train.log_every == 0:
+            speed, eta = None, None
+            if timed_steps:
+                seconds_per_step = step_seconds / timed_steps
+                speed = tokens_per_step / seconds_per_step
+                eta = seconds_per_step * (num_steps - step)
+                step_seconds, timed_steps = 0.0, 0
+            logging.info(progress_line(step, num_steps, metrics, speed, eta))
+
+        if step % train.eval_every == 0 or step == num_steps:
+            evaluation = evaluate(eval_fn, state, validation, source.summarize)
+            evaluation.update(source.probes(state, step, workdir, is_writer=writer.enabled))
+            _log_evaluation(step, evaluation, writer)
+        if step % train.checkpoint_every == 0 or step == num_steps:
+            checkpoint.save_checkpoint(manager, state)
+
+    if stop.received is not None:
+        saved = checkpoint.save_checkpoint(manager, state)
+        logging.info("received %s: saved the checkpoint of step %d and stopped", stop.received,
+                     saved)
+    elif step == first_step:
+        logging.info("nothing to do: the checkpoint is at step %d of train.num_steps=%d",
+                     step, num_steps)
+    return state
+
+
+def _log_evaluation(step: int, metrics: dict[str, float], writer: MetricsWriter) -> None:
+    writer.write(step, "val", metrics)
+    if "accuracy" in metrics:
+        logging.info("validation at step %d: loss %.4f | accuracy %.4f", step, metrics["loss"],
+                     metrics["accuracy"])
+    else:
+        logging.info("validation at step %d: loss %.4f | %.3f bits/byte", step, metrics["loss"],
+                     metrics["bits_per_byte"])
+

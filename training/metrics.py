@@ -1,0 +1,86 @@
+"""Metrics of a run: `metrics.jsonl` and TensorBoard event files in the workdir, progress lines.
+
+Only process 0 writes; on other processes the writer drops every record.
+
+Each line of `metrics.jsonl` is one JSON object with `step` and `split`:
+
+  split "train": loss (nats per byte token), bits_per_byte, learning_rate, grad_norm (global L2
+                 norm before clipping), param_norm (global L2 norm after the update), tokens
+                 (seen so far), elapsed_s (wall time of this process since it started the run)
+  split "val":   loss, bits_per_byte over the fixed validation set
+
+A resumed run appends to the same file. Steps after the last checkpoint of a run that crashed
+appear twice; readers keep the last record of each (step, split).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsWriter:
+    """Append metric records to `metrics.jsonl` and TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool):
+        self.enabled = enabled
+        self._file = None
+        self._tensorboard = None
+        if enabled:
+            self._file = open(Path(workdir) / METRICS_FILE, "a", encoding="utf-8")
+            self._tensorboard = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in values.items():
+            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tensorboard.close()
+            self._file = None
+
+
+def read_metrics(workdir: str | os.PathLike, split: str) -> list[dict[str, Any]]:
+    """Return the records of `split` in step order, keeping the last record of each step."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.is_file():
+        raise ValueError(f"no {METRICS_FILE} in {str(workdir)!r}; is it a training workdir?")
+    by_step = {}
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["split"] == split:
+                by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, remainder = divmod(seconds, 3600)
+    minutes, seconds = divmod(remainder, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+def progress_line(step: int, num_steps: int, metrics: dict[str, float],
+                  tokens_per_second: float | None, eta_seconds: float | None) -> str:
+    """Format one progress line: step, loss, bits per byte, learning rate, gradient norm,
+    throughput and the estimated time left.
+    """
+    speed = "compiling" if tokens_per_second is None else f"{tokens_per_second:,.0f} tokens/s"
+    eta = "?" if eta_seconds is None else format_duration(eta_seconds)
+    return (f"step {step}/{num_steps} | loss {metrics['loss']:.4f} | "
+            f"{metrics['bits_per_byte']:.3f} bits/byte | lr {metrics['learning_rate']:.2e} | "
+            f"grad norm {metrics['grad_norm']:.3f} | {speed} | ETA {eta}")
