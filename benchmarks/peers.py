@@ -1,0 +1,192 @@
+"""Our Mamba training step against two PyTorch implementations of the same model, on the CPU.
+
+Needs the optional `peers` extra, which pulls PyTorch; install it into a separate environment:
+
+    python3 -m venv /tmp/venv-peers && /tmp/venv-peers/bin/pip install -e '.[peers]'
+    /tmp/venv-peers/bin/python -m benchmarks.peers    # defaults: about 10 minutes on 2 CPU cores
+
+All three run the same shapes, by default d_model 256, 4 layers, d_state 16, expand 2, batch 4,
+length 512 and float32. They do the same work: the language-model forward, the mean next-token
+cross entropy and the backward pass to every parameter, with no optimizer update.
+
+- ours: `models.registry.build_model` Mamba, `jax.value_and_grad` under `jax.jit`.
+- transformers: `MambaForCausalLM` with `use_mambapy=False`, which without the CUDA kernels is
+  its eager PyTorch path (a Python loop over time steps).
+- mambapy: `mambapy.mamba.Mamba` with `pscan=True` (parallel scan), between an embedding and a
+  tied head of ours.
+
+Results are tokens per second and the ratio of ours to each.
+"""
+
+import os
+import time
+
+# Only local code is used; this keeps Hugging Face libraries from trying the network for kernels.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks import common, model_configs  # noqa: E402
+from data.tokenizer import VOCAB_SIZE  # noqa: E402
+from ssm import SCAN_MODES  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch", 4, "Batch size.")
+flags.DEFINE_integer("length", 512, "Sequence length in tokens.")
+flags.DEFINE_integer("d_model", 256, "Model width.")
+flags.DEFINE_integer("num_layers", 4, "Mamba layers.")
+flags.DEFINE_integer("d_state", 16, "SSM state size.")
+flags.DEFINE_integer("expand", 2, "Expansion factor.")
+flags.DEFINE_list("scans", list(SCAN_MODES), "Our selective scan implementations to time.")
+flags.DEFINE_integer("repeats", 5, "Timed steps of ours; the median is reported.")
+flags.DEFINE_integer("mambapy_repeats", 3, "Timed steps of mambapy.")
+flags.DEFINE_integer("transformers_repeats", 1,
+                     "Timed steps of transformers (one takes minutes on a 2-core CPU).")
+flags.DEFINE_string("out", "benchmarks/results/peers", "Folder for peers.json/.csv/.png.")
+
+
+def time_ours(tokens: np.ndarray, scan: str) -> tuple[float, int]:
+    """Return the median seconds of our forward+backward and the parameter count."""
+    config = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
+                                        d_state=FLAGS.d_state, expand=FLAGS.expand, scan=scan)
+    graphdef, params, rest = nnx.split(model_configs.build(config), nnx.Param, ...)
+
+    @jax.jit
+    def loss_and_grads(params, tokens_bt):
+        def mean_loss(params):
+            logits_btv = nnx.merge(graphdef, params, rest)(tokens_bt[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits_btv, tokens_bt[:, 1:]).mean()
+
+        return jax.value_and_grad(mean_loss)(params)
+
+    tokens = jnp.asarray(tokens)
+    seconds = common.median_seconds(lambda: loss_and_grads(params, tokens), repeats=FLAGS.repeats)
+    return seconds, sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def build_transformers_model():
+    import transformers
+
+    config = transformers.MambaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=FLAGS.d_model, num_hidden_layers=FLAGS.num_layers,
+        state_size=FLAGS.d_state, expand=FLAGS.expand, conv_kernel=4, use_mambapy=False)
+    return transformers.MambaForCausalLM(config)
+
+
+def build_mambapy_model():
+    """Return mambapy's Mamba blocks inside an embedding, final RMSNorm and tied head.
+
+    The wrapper is ours: `mambapy.lm.LM` imports its Mamba-2 module, which needs `einops`, a
+    package that mambapy 1.2 does not declare.
+    """
+    import torch
+    from mambapy.mamba import Mamba, MambaConfig, RMSNorm
+
+    config = MambaConfig(d_model=FLAGS.d_model, n_layers=FLAGS.num_layers, d_state=FLAGS.d_state,
+                         expand_factor=FLAGS.expand, d_conv=4, pscan=True)
+
+    class MambapyLanguageModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(VOCAB_SIZE, FLAGS.d_model)
+            self.mamba = Mamba(config)
+            self.norm = RMSNorm(FLAGS.d_model)
+
+        def forward(self, tokens_bt):
+            x_btd = self.norm(self.mamba(self.embedding(tokens_bt)))
+            return x_btd @ self.embedding.weight.T
+
+    return MambapyLanguageModel()
+
+
+def time_torch(model, tokens: np.ndarray, repeats: int) -> tuple[float, int]:
+    """Return the median seconds of a PyTorch forward+backward and the parameter count."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    tokens = torch.from_numpy(tokens.astype(np.int64))
+
+    def step(tokens_bt):
+        model.zero_grad(set_to_none=True)
+        output = model(tokens_bt[:, :-1])
+        logits = output.logits if hasattr(output, "logits") else output
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               tokens_bt[:, 1:].reshape(-1))
+        loss.backward()
+
+    step(tokens[:, :17])  # One short step first, so one-time set-up is not timed.
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(tokens)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), sum(p.numel() for p in model.parameters())
+
+
+def main(argv):
+    del argv
+    try:
+        import torch
+    except ImportError:
+        raise app.UsageError(
+            "PyTorch is not installed in this environment; install the `peers` extra into a "
+            "separate one: python3 -m venv /tmp/venv-peers && "
+            "/tmp/venv-peers/bin/pip install -e '.[peers]'") from None
+    unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
+    if unknown:
+        raise app.UsageError(f"--scans has unknown modes {unknown}; allowed: {SCAN_MODES}")
+
+    torch.manual_seed(0)
+    info = common.machine()
+    info["torch_version"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    tokens = np.random.default_rng(0).integers(0, 256, (FLAGS.batch, FLAGS.length + 1), np.int32)
+    num_tokens = FLAGS.batch * FLAGS.length
+
+    rows = []
+    for scan in FLAGS.scans:
+        seconds, num_params = time_ours(tokens, scan)
+        rows.append({"implementation": f"ours ({scan} scan)", "seconds": seconds,
+                     "parameters": num_params})
+        print(f"ours, {scan}: {seconds:.3f} s", flush=True)
+    for name, build, repeats in (
+            ("mambapy (pscan)", build_mambapy_model, FLAGS.mambapy_repeats),
+            ("transformers (eager)", build_transformers_model, FLAGS.transformers_repeats)):
+        seconds, num_params = time_torch(build(), tokens, repeats)
+        rows.append({"implementation": name, "seconds": seconds, "parameters": num_params})
+        print(f"{name}: {seconds:.3f} s", flush=True)
+
+    best_ours = min((r for r in rows if r["implementation"].startswith("ours")),
+                    key=lambda r: r["seconds"])
+    for row in rows:
+        row["tokens_per_s"] = num_tokens / row["seconds"]
+        row["best_ours_speedup"] = row["seconds"] / best_ours["seconds"]
+    summary = {"best_ours": best_ours["implementation"], "batch": FLAGS.batch,
+               "length": FLAGS.length, "d_model": FLAGS.d_model, "num_layers": FLAGS.num_layers,
+               "d_state": FLAGS.d_state, "expand": FLAGS.expand}
+    common.write_results(FLAGS.out, "peers", rows, summary, info)
+
+    figure, axis = common.plt.subplots(figsize=(7, 3.5))
+    axis.barh([r["implementation"] for r in rows], [r["tokens_per_s"] for r in rows])
+    axis.set_xscale("log")
+    axis.set_xlabel("training tokens / s (forward + backward)")
+    axis.grid(True, axis="x", which="both", alpha=0.3)
+    common.save_figure(figure, FLAGS.out, "peers")
+
+    print(f"\nMachine: {common.describe_machine(info)}; torch {torch.__version__} with "
+          f"{info['torch_threads']} threads")
+    print(f"batch {FLAGS.batch} x length {FLAGS.length}, d_model {FLAGS.d_model}, "
+          f"{FLAGS.num_layers} layers, d_state {FLAGS.d_state}, expand {FLAGS.expand}, float32\n")
+    print(common.markdown_table(rows, ["implementation", "parameters", "seconds", "tokens_per_s",
+                                       "best_ours_speedup"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
