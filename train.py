@@ -7,6 +7,10 @@
 The config file's `get_config(variant)` builds the config; `--config.SECTION.FIELD=VALUE`
 overrides one field. SIGTERM or Ctrl-C saves a checkpoint and exits with status 0; running the
 same command again continues the run. Metrics go to WORKDIR/metrics.jsonl and WORKDIR/tensorboard.
+
+Multi-host jobs run the same command in every process. Under SLURM and on Cloud TPU pods the
+processes find each other from the cluster's variables; elsewhere add
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST: the machine of process 0).
 """
 
 import logging as pylogging
@@ -17,12 +21,24 @@ from ml_collections import config_flags
 
 import training
 from training import config as config_lib
+from training import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/NAME.py[:VARIANT].",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for checkpoints, config.json, metrics.jsonl and TensorBoard files.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0's coordinator service, for a multi-process run outside SLURM and "
+    "TPU pods.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 to num_processes - 1 (0 hosts the coordinator).")
+_INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout", 300,
+    "Seconds to wait for every process to join a multi-process run before exiting with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,6 +85,9 @@ def main(argv: list[str]) -> int:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
+        # Before any JAX computation: the distributed runtime must exist when devices are listed.
+        distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value, timeout_s=_INITIALIZATION_TIMEOUT.value)
         training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, training.TrainingDivergedError) as error:
         logging.error("%s", error)

@@ -5,9 +5,11 @@ A workdir holds:
   config.json         the full config of the run, written when the run starts
   checkpoints/<step>/ orbax checkpoints of the training state (step, params, optimizer state)
 
-The batch order is a pure function of (seed, step, process index), so the step stored in a
-checkpoint is also the data position: a resumed run reads exactly the batches that it would have
-read without the interruption.
+The batch order is a pure function of (seed, step), so the step stored in a checkpoint is also
+the data position: a resumed run reads exactly the batches that it would have read without the
+interruption. Every process of a multi-host run takes part in saving and restoring. A restore
+places each array by the shardings of its template, so a checkpoint written on one mesh (say 2
+processes with 2 devices each) resumes on another (1 process with 2 devices).
 """
 
 import json

@@ -2,7 +2,8 @@
 
 A config has four sections: `model` (architecture and model dataclass fields, written by each file
 in `configs/`), `data`, `optimizer` and `train` (defaults below, the same for every architecture
-so that runs of different models have the same budget).
+so that runs of different models have the same budget). An optional fifth section, `mesh`, sets
+the device mesh and the parameter sharding (see `training/sharding.py`).
 """
 
 import dataclasses
@@ -14,7 +15,11 @@ from typing import Any
 
 import ml_collections
 
+from training.sharding import default_mesh_config, mesh_shape
+
 SECTIONS = ("model", "data", "optimizer", "train")
+# Sections that a config may leave out (configs saved before the section existed).
+OPTIONAL_SECTIONS = ("mesh",)
 
 
 def default_training_config() -> ml_collections.ConfigDict:
@@ -72,6 +77,9 @@ def default_training_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 100
     # Checkpoints kept in the workdir; older ones are deleted.
     config.train.keep_checkpoints = 3
+
+    # Device mesh and parameter sharding rules (fields in training/sharding.py).
+    config.mesh = default_mesh_config()
     return config
 
 
@@ -116,10 +124,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
         if section not in config:
             raise ValueError(f"config has no section {section!r}; a config needs the sections "
                              f"{', '.join(SECTIONS)}")
-    unknown = sorted(set(config.keys()) - set(SECTIONS))
+    unknown = sorted(set(config.keys()) - set(SECTIONS) - set(OPTIONAL_SECTIONS))
     if unknown:
         raise ValueError(f"unknown config section(s) {', '.join(unknown)}; allowed: "
-                         f"{', '.join(SECTIONS)}")
+                         f"{', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
+    mesh_shape(config, num_devices)  # Raises ValueError for a mesh that does not fit.
 
     data, optimizer, train = config.data, config.optimizer, config.train
     _require(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "0 < x < 1")

@@ -24,7 +24,8 @@ from training import checkpoint, tasks
 from training.config import validate_config
 from training.metrics import MetricsWriter, progress_line
 from training.optimizer import build_optimizer, learning_rate_schedule
-from training.sharding import data_mesh, global_eval_batch, global_train_batch, replicated
+from training.sharding import (build_mesh, global_eval_batch, global_train_batch, replicated,
+                               state_shardings)
 from training.steps import TrainState, bits_per_byte, create_train_state, train_step
 
 
@@ -96,12 +97,13 @@ def load_data_source(config: ml_collections.ConfigDict) -> tasks.TextData | task
 
 
 def initial_train_state(config: ml_collections.ConfigDict, mesh) -> TrainState:
-    """Build the model and optimizer state with fresh parameters, replicated over `mesh`."""
+    """Build the model and optimizer state with fresh parameters, placed on `mesh` by the
+    sharding rules of `config.mesh` (replicated by default)."""
     model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
     num_steps = config.train.num_steps
     state = create_train_state(model, build_optimizer(config.optimizer, num_steps),
                                learning_rate_schedule(config.optimizer, num_steps))
-    return jax.device_put(state, replicated(mesh))
+    return jax.device_put(state, state_shardings(state, config, mesh))
 
 
 def evaluate(eval_fn, state: TrainState, batches: list[jax.Array], summarize=None
@@ -156,11 +158,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             checkpoint.check_resumable(workdir, config)
 
     # Mesh, model and optimizer.
-    mesh = data_mesh()
+    mesh = build_mesh(config)
     state = initial_train_state(config, mesh)
-    logging.info("model: %s with %s parameters; devices: %d over %d process(es); %s",
+    logging.info("model: %s with %s parameters; devices: %d over %d process(es), mesh %s; %s",
                  config.model.architecture, f"{count_parameters(config.model):,}",
-                 jax.device_count(), num_processes, source.describe())
+                 jax.device_count(), num_processes, dict(mesh.shape), source.describe())
 
     # Restore.
     manager = checkpoint.checkpoint_manager(workdir, keep=config.train.keep_checkpoints)
@@ -184,10 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> TrainState:
     train, data_config = config.train, config.data
     num_steps = train.num_steps
-    process_batch_size = data_config.batch_size // jax.process_count()
     tokens_per_step = data_config.batch_size * data_config.seq_len
 
-    train_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn), donate_argnums=0)
+    # Fixed output shardings keep the parameters where the sharding rules put them.
+    train_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn), donate_argnums=0,
+                       out_shardings=(state_shardings(state, config, mesh), replicated(mesh)))
     eval_fn = jax.jit(source.eval_fn)
     # Task batches are dicts of (b, t) arrays; each array is placed like a token batch.
     validation = [jax.tree.map(lambda rows: global_eval_batch(rows, mesh), batch)
@@ -203,10 +206,13 @@ def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> T
 
     while step < num_steps and stop.received is None:
         step_start = time.perf_counter()
-        local_batch = source.train_batch(train.seed, step, jax.process_index(),
-                                         process_batch_size)
+        # Every process draws the whole global batch (process index 0 of the data stream) and
+        # places its own rows, so the batches do not depend on the number of processes.
+        # NOTE: each host thus reads every window of the step. That is cheap for byte windows,
+        # but a data source with costly rows would need a random stream per row instead.
+        batch = source.train_batch(train.seed, step, 0, data_config.batch_size)
         state, metrics = train_fn(state, jax.tree.map(
-            lambda rows: global_train_batch(rows, accumulation_steps, mesh), local_batch))
+            lambda rows: global_train_batch(rows, accumulation_steps, mesh), batch))
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         step += 1
         _check_finite(step, metrics, manager)

@@ -1,10 +1,28 @@
-"""Data parallelism: a one-axis device mesh, replicated state and batches sharded over `data`."""
+"""Device mesh, shardings of the training state and of batches.
+
+The mesh has two axes: `data` (batch rows only) and `fsdp` (batch rows, and parameter and
+optimizer-state dimensions, as in fully sharded data parallelism). Batches are split over both
+axes, so every device receives different rows. Parameters follow `config.mesh.rules`: a list of
+(regular expression, mesh axis or None) pairs. The first expression found (`re.search`) in a
+leaf's path, for example "params/blocks/0/mixer/in_proj/kernel" or
+"opt_state/1/0/mu/blocks/0/mixer/in_proj/kernel", decides: None keeps the leaf replicated, a mesh
+axis splits the leaf's largest dimension that the axis size divides. Leaves with fewer than two
+dimensions (norm scales, biases, `D`, counters), leaves that no rule matches and leaves without
+such a dimension stay replicated. With `mesh.fsdp = 1` every leaf is in effect replicated, which
+is plain data parallelism.
+"""
+
+import re
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
 def data_mesh() -> Mesh:
@@ -16,30 +34,151 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Return the mesh axes that batch rows are split over (`data`, then `fsdp` if present)."""
+    return tuple(axis for axis in MESH_AXES if axis in mesh.axis_names)
+
+
 def train_batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a (micro-batches, sequences, tokens) batch: sequences split over `data`."""
-    return NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
+    """Sharding of a (micro-batches, sequences, tokens) batch: sequences split over the batch
+    axes."""
+    return NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
 
 
 def eval_batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a (sequences, tokens) batch: sequences split over `data`."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Sharding of a (sequences, tokens) batch: sequences split over the batch axes."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
-def global_train_batch(local_batch_bt: np.ndarray, accumulation_steps: int,
-                       mesh: Mesh) -> jax.Array:
-    """Assemble this process's rows (b_local, t + 1) into the global (a, m, t + 1) batch.
+def global_train_batch(batch_bt: np.ndarray, accumulation_steps: int, mesh: Mesh) -> jax.Array:
+    """Place the global batch (b, t + 1), which every process has in full, as (a, m, t + 1).
 
-    Micro-batch i contains rows i * m_local ... (i + 1) * m_local - 1 of every process, so its
-    contents do not depend on the number of devices.
+    Micro-batch i contains rows i * m ... (i + 1) * m - 1 of the global batch. Each process
+    copies only the rows of its own devices, so the batch, and with it the losses, do not
+    depend on the number of processes or devices.
     """
-    rows, length = local_batch_bt.shape
-    local_amt = local_batch_bt.reshape(accumulation_steps, rows // accumulation_steps, length)
-    return jax.make_array_from_process_local_data(train_batch_sharding(mesh), local_amt)
+    rows, length = batch_bt.shape
+    batch_amt = np.asarray(batch_bt).reshape(accumulation_steps, rows // accumulation_steps,
+                                             length)
+    return jax.make_array_from_callback(batch_amt.shape, train_batch_sharding(mesh),
+                                        lambda index: batch_amt[index])
 
 
 def global_eval_batch(batch_bt: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Place a validation batch that every process has in full, sharded over `data`."""
+    """Place a validation batch that every process has in full, split over the batch axes."""
     batch_bt = np.asarray(batch_bt)
     return jax.make_array_from_callback(batch_bt.shape, eval_batch_sharding(mesh),
                                         lambda index: batch_bt[index])
+
+
+# ---- mesh and state shardings from `config.mesh`
+
+
+def default_mesh_config() -> ml_collections.ConfigDict:
+    """Return the `mesh` section: all devices on `data`, parameters replicated."""
+    mesh = ml_collections.ConfigDict()
+    # Devices along the batch-only axis; -1 takes every device that `fsdp` leaves.
+    mesh.data = -1
+    # Devices that split each large parameter and its optimizer state (and batch rows too);
+    # 1 keeps parameters replicated (plain data parallelism).
+    mesh.fsdp = 1
+    # (regular expression searched in the leaf path, mesh axis or None) pairs, first match
+    # wins (see the module docstring). The default splits every matrix over `fsdp`.
+    mesh.rules = ((".*", FSDP_AXIS),)
+    return mesh
+
+
+def mesh_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Return `config.mesh`, or the default section for configs saved without one."""
+    return config.mesh if "mesh" in config else default_mesh_config()
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Return the size of each mesh axis for `num_devices` devices, raising ValueError for a
+    shape that does not fit them or a rule that names an unknown axis."""
+    section = mesh_section(config)
+    data, fsdp = section.data, section.fsdp
+    if not isinstance(fsdp, int) or fsdp < 1:
+        raise ValueError(f"invalid config field mesh.fsdp={fsdp!r}; allowed: an integer >= 1 "
+                         f"that divides the number of devices ({num_devices})")
+    if not isinstance(data, int) or (data < 1 and data != -1):
+        raise ValueError(f"invalid config field mesh.data={data!r}; allowed: -1 (every device "
+                         "that mesh.fsdp leaves) or an integer >= 1")
+    if data == -1:
+        if num_devices % fsdp:
+            raise ValueError(f"invalid config field mesh.fsdp={fsdp}; allowed: a divisor of the "
+                             f"number of devices ({num_devices})")
+        data = num_devices // fsdp
+    if data * fsdp != num_devices:
+        raise ValueError(f"invalid config fields mesh.data={data}, mesh.fsdp={fsdp}: their "
+                         f"product must equal the number of devices ({num_devices}); set "
+                         "mesh.data=-1 to use every device")
+
+    for index, rule in enumerate(section.rules):
+        if len(rule) != 2:
+            raise ValueError(f"invalid config field mesh.rules[{index}]={rule!r}; allowed: a "
+                             "(regular expression, mesh axis or None) pair")
+        pattern, axis = rule
+        if axis is not None and axis not in MESH_AXES:
+            raise ValueError(f"invalid config field mesh.rules[{index}]={tuple(rule)!r}: unknown "
+                             f"mesh axis {axis!r}; allowed: {', '.join(MESH_AXES)} or None")
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"invalid config field mesh.rules[{index}]={tuple(rule)!r}: "
+                             f"{pattern!r} is not a regular expression ({error})") from None
+    return {DATA_AXIS: data, FSDP_AXIS: fsdp}
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """Return the (data, fsdp) mesh over every device of every process.
+
+    `fsdp` is the inner axis, so a group of devices that shares parameters consists of
+    consecutive devices, which are on one host whenever `fsdp` divides the devices per host.
+    """
+    shape = mesh_shape(config, jax.device_count())
+    devices = np.asarray(jax.devices()).reshape(shape[DATA_AXIS], shape[FSDP_AXIS])
+    return Mesh(devices, MESH_AXES)
+
+
+def leaf_path(path: tuple) -> str:
+    """Return a pytree key path as "params/blocks/0/mixer/kernel" (the form rules match)."""
+    parts = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def leaf_partition_spec(path: str, shape: tuple[int, ...], rules, mesh: Mesh) -> PartitionSpec:
+    """Return the PartitionSpec that `rules` give a leaf of `shape` at `path` (see the module
+    docstring)."""
+    if len(shape) < 2:
+        return PartitionSpec()
+    axis = next((rule_axis for pattern, rule_axis in rules if re.search(pattern, path)), None)
+    if axis is None or axis not in mesh.shape:
+        return PartitionSpec()
+    size = mesh.shape[axis]
+    divisible = [dim for dim in range(len(shape)) if shape[dim] % size == 0]
+    if size == 1 or not divisible:
+        return PartitionSpec()
+    dim = max(divisible, key=lambda index: shape[index])  # The first of equally large dims.
+    return PartitionSpec(*[axis if index == dim else None for index in range(len(shape))])
+
+
+def state_shardings(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    """Return a tree like the training state `state` (arrays or ShapeDtypeStructs) of
+    NamedShardings: `params` and `opt_state` by `config.mesh.rules`, the rest replicated."""
+    rules = [tuple(rule) for rule in mesh_section(config).rules]
+
+    def sharding(path, leaf):
+        name = leaf_path(path)
+        if not (name.startswith("params/") or name.startswith("opt_state/")):
+            return replicated(mesh)
+        return NamedSharding(mesh, leaf_partition_spec(name, tuple(leaf.shape), rules, mesh))
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
