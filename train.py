@@ -73,7 +73,11 @@ def parse_flags(argv: list[str]) -> list[str]:
             overrides = [arg[len("--config."):].split("=", 1)[0]
                          for arg in argv if arg.startswith("--config.")]
             config_lib.check_field_paths(config, overrides)
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
+        if len(remaining) > 1:
+            raise ValueError(f"unexpected arguments: {' '.join(remaining[1:])}; every setting "
+                             "is a --flag")
+        return remaining
     except (ValueError, flags.Error) as error:
         sys.stderr.write(f"train.py: invalid flags: {error}\n")
         sys.exit(2)

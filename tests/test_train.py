@@ -365,6 +365,10 @@ def bad_input_cases(corpus_file: Path, tmp_path: Path) -> list[tuple[str, dict, 
         ("zero seq_len", {"data__seq_len": 0}, "data.seq_len=0"),
         ("negative batch_size", {"data__batch_size": -4}, "data.batch_size=-4"),
         ("batch not divisible", {"optimizer__accumulation_steps": 3}, "data.batch_size=8"),
+        ("vocabulary smaller than the bytes", {"model__vocab_size": 100},
+         "model.vocab_size=100; allowed: an integer >= 257"),
+        ("negative seed", {"train__seed": -1}, "train.seed=-1"),
+        ("cache_dir is a file", {"data__cache_dir": str(short_file)}, "data.cache_dir="),
     ]
 
 
@@ -382,6 +386,20 @@ def test_batch_not_divisible_over_devices_names_device_count(corpus_file):
     config = tiny_config(corpus_file)
     with pytest.raises(ValueError, match=r"data.batch_size=8.*devices \(3\)"):
         validate_config(config, num_devices=3)
+
+
+def test_empty_workdir_is_rejected(corpus_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="workdir is empty"):
+        train_and_evaluate(tiny_config(corpus_file), "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_workdir_that_is_a_file_is_named(corpus_file, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train_and_evaluate(tiny_config(corpus_file), blocker)
 
 
 def test_unwritable_workdir_raises_clear_error(corpus_file, tmp_path):
@@ -403,9 +421,11 @@ def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
     before = checkpoint_listing(trained_workdir)
     config = tiny_config(corpus_file, train__num_steps=8, train__checkpoint_every=1,
                          optimizer__learning_rate=float("inf"), optimizer__warmup_steps=0)
+    saved_config = (trained_workdir / checkpoint.CONFIG_FILE).read_text()
     with pytest.raises(TrainingDivergedError, match="at step 5"):
         train_and_evaluate(config, trained_workdir)
     assert checkpoint_listing(trained_workdir) == before
+    assert (trained_workdir / checkpoint.CONFIG_FILE).read_text() == saved_config
 
 
 def test_command_line_reports_bad_input_without_traceback(tmp_path):
@@ -415,6 +435,7 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
          "unknown config field 'train.nmu_steps'.*num_steps"),
         (["--config=configs/mamba_lm.py:tiny", "--config.data.seq_len=0"],
          r"data.seq_len=0; allowed: an integer > 0"),
+        (["--config=configs/mamba_lm.py:tiny", "extra"], "unexpected arguments: extra"),
     ]
     for flags, message in cases:
         process = run_python(["train.py", *flags, f"--workdir={tmp_path / 'run'}"])

@@ -159,6 +159,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
              f"a multiple of the number of processes ({num_processes})")
 
     _require(train.num_steps >= 1, "train.num_steps", train.num_steps, "an integer >= 1")
+    _require(train.seed >= 0, "train.seed", train.seed, "an integer >= 0")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                  "eval_batches"):
         value = train[name]

@@ -63,7 +63,11 @@ class StopSignal:
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Create `workdir` if needed and check that files can be written there."""
+    if not str(workdir).strip():
+        raise ValueError("workdir is empty; pass --workdir=FOLDER")
     path = Path(workdir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"workdir {str(workdir)!r} is a file, not a folder; pass a folder path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
@@ -76,9 +80,16 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
 
 def load_training_data(config: ml_collections.ConfigDict) -> data.Corpus:
     """Load the corpus and check that both splits hold at least one window of seq_len + 1."""
-    corpus = data.load_corpus(config.data.path or None, pattern=config.data.pattern,
-                              val_fraction=config.data.val_fraction,
-                              cache_dir=config.data.cache_dir or None)
+    cache_dir = config.data.cache_dir or None
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ValueError(f"invalid config field data.cache_dir={cache_dir!r}: it is a file; "
+                         "pass a folder, or \"\" for the default location")
+    try:
+        corpus = data.load_corpus(config.data.path or None, pattern=config.data.pattern,
+                                  val_fraction=config.data.val_fraction, cache_dir=cache_dir)
+    except OSError as error:
+        raise ValueError(f"cannot read the corpus data.path={config.data.path!r} or write its "
+                         f"token cache data.cache_dir={config.data.cache_dir!r}: {error}") from None
     window = config.data.seq_len + 1
     for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
         if len(tokens) < window:
@@ -169,7 +180,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if manager.latest_step() is not None:
         state = checkpoint.restore_checkpoint(manager, state)
         logging.info("resumed from the checkpoint of step %d in %s", int(state.step), workdir)
-    if is_writer:
+    # On resume the saved config is replaced only once this run has trained, so a run that fails
+    # or has nothing to do leaves the workdir's config.json as it was.
+    start_step = int(jax.device_get(state.step))
+    if is_writer and not (workdir / checkpoint.CONFIG_FILE).exists():
         checkpoint.save_config(workdir, config)
 
     writer = MetricsWriter(workdir, enabled=is_writer)
@@ -177,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         with StopSignal() as stop:
             state = _run_steps(config, state, source, mesh, manager, writer, stop, workdir)
         manager.wait_until_finished()
+        if is_writer and int(jax.device_get(state.step)) > start_step:
+            checkpoint.save_config(workdir, config)
     finally:
         writer.close()
         manager.close()

@@ -113,6 +113,10 @@ class TextData:
     eval_fn = staticmethod(eval_step)
 
     def __init__(self, corpus: data.Corpus, config: ml_collections.ConfigDict):
+        if config.model.vocab_size < data.VOCAB_SIZE:
+            raise ValueError(
+                f"invalid config field model.vocab_size={config.model.vocab_size}; allowed: an "
+                f"integer >= {data.VOCAB_SIZE} (byte ids 0..255 and the document separator)")
         self.corpus = corpus
         self.config = config
 
