@@ -466,6 +466,20 @@ def test_plot_writes_image_and_summary(trained_workdir, tmp_path, capsys):
     assert float(summary_row[2]) == pytest.approx(expected_bits, abs=1e-3)
 
 
+def test_plot_reports_unwritable_out_and_cut_record(trained_workdir, tmp_path, capsys):
+    from training import plot  # noqa: PLC0415 (matplotlib is only needed here)
+
+    assert plot.main([str(trained_workdir), "--out", str(tmp_path / "absent" / "c.png")]) == 1
+    assert "cannot write --out" in capsys.readouterr().err
+
+    cut_run = tmp_path / "cut"
+    shutil.copytree(trained_workdir, cut_run)
+    with open(cut_run / "metrics.jsonl", "a", encoding="utf-8") as metrics_file:
+        metrics_file.write('{"step": 9, "split": "tr')
+    assert plot.main([str(cut_run), "--out", str(tmp_path / "c.png")]) == 1
+    assert "metrics.jsonl:" in capsys.readouterr().err
+
+
 def test_moving_average_of_known_values():
     from training.plot import moving_average  # noqa: PLC0415
 

@@ -58,8 +58,12 @@ def read_metrics(workdir: str | os.PathLike, split: str) -> list[dict[str, Any]]
         raise ValueError(f"no {METRICS_FILE} in {str(workdir)!r}; is it a training workdir?")
     by_step = {}
     with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line)
+        for line_number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number} is not a JSON record ({error}); a run "
+                                 "killed while writing leaves a cut last line: delete it") from None
             if record["split"] == split:
                 by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]

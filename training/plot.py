@@ -73,7 +73,10 @@ def plot_runs(workdirs: list[str], out: str, smooth: int) -> None:
         axis.legend()
     train_axis.set_ylabel("bits per byte")
     figure.tight_layout()
-    figure.savefig(out, dpi=120)
+    try:
+        figure.savefig(out, dpi=120)
+    except OSError as error:
+        raise ValueError(f"cannot write --out {str(out)!r}: {error.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
