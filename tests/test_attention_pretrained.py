@@ -16,11 +16,11 @@ from safetensors.numpy import load_file, save_file
 
 from attention import from_pretrained
 from attention.pretrained import config_from_hf
+from reference_fixtures import FIXTURES_DIR, skip_without
 
-# The fixtures live beside the repository: <checkout>/../shared/fixtures.
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf_llama_tiny"
+FIXTURE = FIXTURES_DIR / "hf_llama_tiny"
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"fixture not found: {FIXTURE}")
+pytestmark = skip_without(FIXTURE)
 
 
 @nnx.jit

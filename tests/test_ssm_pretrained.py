@@ -7,6 +7,7 @@ tokens that the `transformers` PyTorch implementation computed from it.
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +16,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from reference_fixtures import FIXTURES_DIR, skip_without
 from ssm import SCAN_MODES, from_pretrained, mamba_config_from_hf
 
-FIXTURE = "/work/shared/fixtures/hf_mamba_tiny"
+FIXTURE = str(FIXTURES_DIR / "hf_mamba_tiny")
 # Agreement a faithful float32 implementation reaches with the PyTorch reference.
 LOGITS_ATOL = 1e-4
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURE), reason=f"{FIXTURE} not found")
+pytestmark = skip_without(Path(FIXTURE))
 
 
 @pytest.fixture(scope="module")
