@@ -42,6 +42,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"generate.py: error: unexpected arguments {argv[1:]}; pass the prompt as "
                  "--prompt=TEXT")
 
+    from training.metrics import QuietLibraries
+    logging.get_absl_handler().addFilter(QuietLibraries())
+
     # Imported here so that `--help` and flag errors do not wait for JAX.
     from data import ByteTokenizer
     from generation import SamplingConfig, generate

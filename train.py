@@ -13,7 +13,6 @@ processes find each other from the cluster's variables; elsewhere add
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST: the machine of process 0).
 """
 
-import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -22,6 +21,7 @@ from ml_collections import config_flags
 import training
 from training import config as config_lib
 from training import distributed
+from training.metrics import QuietLibraries
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/NAME.py[:VARIANT].",
@@ -40,14 +40,6 @@ _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300,
     "Seconds to wait for every process to join a multi-process run before exiting with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(pylogging.Filter):
-    """Drop INFO records of orbax and JAX (a dozen lines per checkpoint), keep warnings."""
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
-        return record.levelno >= pylogging.WARNING or not noisy
 
 
 def _flag_values(argv: list[str], name: str) -> list[str]:
@@ -87,7 +79,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(QuietLibraries())
     try:
         # Before any JAX computation: the distributed runtime must exist when devices are listed.
         distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,

@@ -14,6 +14,7 @@ appear twice; readers keep the last record of each (step, split).
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,12 @@ def progress_line(step: int, num_steps: int, metrics: dict[str, float],
     return (f"step {step}/{num_steps} | loss {metrics['loss']:.4f} | "
             f"{metrics['bits_per_byte']:.3f} bits/byte | lr {metrics['learning_rate']:.2e} | "
             f"grad norm {metrics['grad_norm']:.3f} | {speed} | ETA {eta}")
+
+
+class QuietLibraries(logging.Filter):
+    """Drop INFO records of orbax and JAX (a dozen lines per checkpoint), keep warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
+        return record.levelno >= logging.WARNING or not noisy
+
