@@ -39,6 +39,7 @@ class TransformerConfig:
     tie_embeddings: bool = True  # Output head reuses the embedding table.
     pad_vocab_size_multiple: int = 1
     max_len: int = 2048  # Maximum sequence or cache length with sinusoidal positions only.
+    attention_only: bool = False  # Blocks without the feed-forward sublayer (and its norm).
     dtype: Any = jnp.float32  # Compute dtype of projections and attention.
     param_dtype: Any = jnp.float32  # Storage dtype of parameters.
 

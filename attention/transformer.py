@@ -78,6 +78,10 @@ class TransformerBlock(nnx.Module):
         self.adds_sinusoidal_positions = config.positions == "sinusoidal" and layer_index == 0
         self.attention_norm = make_norm(config, rngs=rngs)
         self.attention = CausalSelfAttention(config, rngs=rngs)
+        if config.attention_only:
+            self.ffn_norm = None
+            self.feed_forward = None
+            return
         self.ffn_norm = make_norm(config, rngs=rngs)
         if config.flavour == "transformer++":
             self.feed_forward = SwiGLU(config, rngs=rngs)
@@ -119,6 +123,8 @@ class TransformerBlock(nnx.Module):
         return x_b1d[:, 0, :], cache
 
     def _feed_forward_residual(self, x_btd: jax.Array) -> jax.Array:
+        if self.feed_forward is None:
+            return x_btd
         return x_btd + self.feed_forward(self.ffn_norm(x_btd)).astype(jnp.float32)
 
     def _add_positions(self, x_btd: jax.Array, mask: jax.Array | None,

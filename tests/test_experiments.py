@@ -1,0 +1,257 @@
+"""Tests of the synthetic-task experiments: configs, masked loss, extrapolation and probes.
+
+Every model here is a `tiny` variant (width 16, sequences of at most 64 tokens), so each training
+run takes seconds.
+"""
+
+import functools
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import birth, extrapolate
+from models.registry import build_model
+from training import load_run, train_and_evaluate
+from training.freezing import frozen_labels
+from training.optimizer import build_optimizer, learning_rate_schedule
+from training.steps import create_train_state, train_step
+from training.tasks import TaskData, masked_accuracy, masked_eval_step, masked_loss
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT_CONFIGS = ["induction_heads", "selective_copying", "associative_recall",
+                      "birth_transformer"]
+
+
+def load_config(name: str, variant: str = "tiny"):
+    path = REPO / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(variant)
+
+
+# One case per distinct model or optimizer structure runs by default. The other variants only
+# change sizes, so they compile the same programs again and are marked slow.
+DEFAULT_CASES = {("induction_heads", "mamba"), ("induction_heads", "transformer"),
+                 ("selective_copying", "nonselective"), ("birth_transformer", "attention_only"),
+                 ("birth_transformer", "frozen_embeddings"),
+                 ("birth_transformer", "frozen_first_layer")}
+
+
+def variant_cases():
+    cases = []
+    for name in EXPERIMENT_CONFIGS:
+        module, _ = load_config(name)
+        for variant in module.VARIANTS:
+            if variant in ("", "tiny"):
+                continue
+            marks = () if (name, variant) in DEFAULT_CASES else (pytest.mark.slow,)
+            cases.append(pytest.param(name, variant, marks=marks, id=f"{name}-{variant}"))
+    return cases
+
+
+def fresh_state(config):
+    model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
+    num_steps = config.train.num_steps
+    return create_train_state(model, build_optimizer(config.optimizer, num_steps),
+                              learning_rate_schedule(config.optimizer, num_steps))
+
+
+@pytest.mark.parametrize("name,variant", variant_cases())
+def test_variant_trains_with_finite_loss_and_valid_accuracy(name, variant):
+    _, config = load_config(name, f"{variant},tiny")
+    source = TaskData(config)
+    state = fresh_state(config)
+    initial_params = jax.tree.map(np.asarray, state.params)
+    step_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn))
+
+    for step in range(2):
+        batch = source.train_batch(config.train.seed, step, 0, config.data.batch_size)
+        state, metrics = step_fn(state, jax.tree.map(lambda rows: rows[None], batch))
+        assert math.isfinite(float(metrics["loss"])), (name, variant, step)
+    sums = jax.jit(masked_eval_step)(state, source.validation_batches(1)[0])
+    accuracy = float(sums["correct_count"] / sums["token_count"])
+    assert 0.0 <= accuracy <= 1.0
+
+    pattern = config.optimizer.frozen_parameters
+    if pattern:
+        labels = frozen_labels(state.params, pattern)
+        frozen = [(before, after) for label, before, after in zip(
+            jax.tree.leaves(labels), jax.tree.leaves(initial_params), jax.tree.leaves(state.params))
+            if label == "frozen"]
+        assert frozen, pattern
+        for before, after in frozen:
+            np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_variant_changes_what_it_names():
+    assert load_config("induction_heads", "transformer,tiny")[1].model.architecture == "transformer"
+    assert load_config("induction_heads", "nonselective,tiny")[1].model.selective is False
+    assert load_config("birth_transformer", "tiny")[1].model.architecture == "transformer"
+    assert load_config("birth_transformer", "mamba,tiny")[1].model.architecture == "mamba"
+    _, attention_only = load_config("birth_transformer", "attention_only,tiny")
+    assert attention_only.model.attention_only
+    params = fresh_state(attention_only).params
+    assert "feed_forward" not in params["blocks"][0]
+    assert "feed_forward" in fresh_state(load_config("birth_transformer")[1]).params["blocks"][0]
+
+
+def test_nonselective_transformer_variant_names_field():
+    with pytest.raises(ValueError, match="model.selective"):
+        load_config("induction_heads", "transformer,nonselective")
+
+
+def test_unknown_task_option_names_allowed_ones():
+    _, config = load_config("induction_heads")
+    config.unlock()
+    config.data.task_options.num_trigers = 2
+    with pytest.raises(ValueError, match="num_trigers.*allowed: vocab_size"):
+        TaskData(config)
+
+
+def test_model_vocabulary_smaller_than_task_raises():
+    _, config = load_config("induction_heads")
+    config.unlock()
+    config.model.vocab_size = 8
+    with pytest.raises(ValueError, match="model.vocab_size=8.*>= 16"):
+        TaskData(config)
+
+
+def test_masked_loss_ignores_targets_outside_mask():
+    _, config = load_config("selective_copying")
+    state = fresh_state(config)
+    batch = TaskData(config).train_batch(0, 0, 0, 4)
+    loss_sum, count = masked_loss(state.params, state, batch)
+    assert float(count) == batch["loss_mask"].sum()
+
+    outside = dict(batch, targets=np.where(batch["loss_mask"], batch["targets"],
+                                           (batch["targets"] + 5) % 16))
+    assert (outside["targets"] != batch["targets"]).any()
+    outside_sum, _ = masked_loss(state.params, state, outside)
+    assert float(outside_sum) == float(loss_sum)
+
+    inside = dict(batch, targets=np.where(batch["loss_mask"], (batch["targets"] + 5) % 16,
+                                          batch["targets"]))
+    inside_sum, _ = masked_loss(state.params, state, inside)
+    assert float(inside_sum) != float(loss_sum)
+
+
+@pytest.fixture(scope="module")
+def trained_induction_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("induction")
+    _, config = load_config("induction_heads")
+    train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_task_run_logs_accuracy_in_unit_interval(trained_induction_run):
+    records = [json.loads(line) for line in
+               (trained_induction_run / "metrics.jsonl").read_text().splitlines()]
+    validation = [record for record in records if record["split"] == "val"]
+    assert [record["step"] for record in validation] == [2, 4]
+    for record in validation:
+        assert 0.0 <= record["accuracy"] <= 1.0
+        assert math.isfinite(record["loss"])
+
+
+def test_extrapolation_matches_direct_accuracy(trained_induction_run):
+    model, config = load_run(trained_induction_run)
+    lengths = [16, 64]
+    results = extrapolate.evaluate_lengths(model, config, lengths, max_sequences=8,
+                                           min_sequences=8, batch_size=8, chunk_len=16)
+    source = TaskData(config)
+    for length, result in zip(lengths, results, strict=True):
+        batch = source.generate(0, 0, extrapolate.EXTRAPOLATION_STREAM, 8, seq_len=length)
+        assert result["status"] == "ok"
+        assert result["sequences"] == 8
+        assert result["accuracy"] == masked_accuracy(model, batch), length
+
+
+def test_chunked_evaluation_counts_known_correct_positions():
+    # Given targets equal to the model's own predictions at half of the scored positions,
+    # when the 64-token batch is counted in chunks of 16,
+    # then exactly that half is correct.
+    _, config = load_config("selective_copying")
+    model = build_model(config.model, rngs=nnx.Rngs(1))
+    batch = TaskData(config).generate(0, 0, 0, 4, seq_len=64)
+    predictions = np.asarray(jnp.argmax(model(jnp.asarray(batch["inputs"])), axis=-1))
+    wrong = (predictions + 1) % config.model.vocab_size
+    scored_rows, scored_columns = np.nonzero(batch["loss_mask"])
+    keep = np.arange(len(scored_rows)) % 2 == 0
+    targets = wrong.copy()
+    targets[scored_rows[keep], scored_columns[keep]] = predictions[scored_rows[keep],
+                                                                   scored_columns[keep]]
+    batch = dict(batch, targets=targets.astype(np.int32))
+
+    correct, scored = extrapolate.ModelEvaluator(model, chunk_len=16).counts(batch)
+    assert scored == len(scored_rows)
+    assert correct == keep.sum()
+
+
+def test_transformer_over_memory_budget_reports_out_of_memory():
+    _, config = load_config("induction_heads", "transformer,tiny")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    results = extrapolate.evaluate_lengths(model, config, [32, 1024], max_sequences=4,
+                                           batch_size=4, max_attention_gib=1e-4)
+    assert results[0]["status"] == "ok"
+    assert 0.0 <= results[0]["accuracy"] <= 1.0
+    assert results[1]["status"] == extrapolate.OUT_OF_MEMORY
+    assert results[1]["accuracy"] is None
+
+
+def test_probe_logging_writes_expected_keys(tmp_path):
+    _, config = load_config("birth_transformer")
+    train_and_evaluate(config, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    probed = [record for record in records if "probe/loss_in_context" in record]
+    assert [record["step"] for record in probed] == [2, 4]
+
+    expected = {"probe/loss_in_context", "probe/loss_global_bigram"}
+    for layer in range(config.model.num_layers):
+        for kind in ("previous_token", "induction", "memory_recall"):
+            expected.add(f"probe/layer{layer}_head0_{kind}")
+    assert expected <= set(probed[-1])
+    for name in expected:
+        assert math.isfinite(probed[-1][name]), name
+        if not name.startswith("probe/loss"):
+            assert 0.0 <= probed[-1][name] <= 1.0, name
+
+    maps = np.load(tmp_path / birth.ATTENTION_MAP_DIR / "step_000004.npz")
+    seq_len = config.data.seq_len
+    for layer in range(config.model.num_layers):
+        weights_hts = maps[f"layer{layer}"]
+        assert weights_hts.shape == (config.model.num_heads, seq_len, seq_len)
+        np.testing.assert_allclose(weights_hts.sum(axis=-1), 1.0, rtol=1e-4)
+        assert np.allclose(np.triu(weights_hts, k=1), 0.0)
+
+
+def test_mamba_probes_use_one_implicit_head_per_layer(tmp_path):
+    _, config = load_config("birth_transformer", "mamba,tiny")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    metrics = birth.probe_metrics(model, TaskData(config), 0, tmp_path, is_writer=True)
+    for layer in range(config.model.num_layers):
+        assert 0.0 <= metrics[f"probe/layer{layer}_head0_induction"] <= 1.0
+        assert f"probe/layer{layer}_head1_induction" not in metrics
+        assert f"probe/layer{layer}_head0_memory_recall" not in metrics
+    maps = np.load(tmp_path / birth.ATTENTION_MAP_DIR / "step_000000.npz")
+    np.testing.assert_allclose(maps["layer0"].sum(axis=-1), 1.0, rtol=1e-4)
+
+
+def test_transition_step_finds_half_drop():
+    steps = np.array([0, 10, 20, 30, 40])
+    assert birth.transition_step(steps, np.array([4.0, 3.9, 3.0, 2.0, 2.0])) == 20
+    assert birth.transition_step(steps, np.array([1.0, 1.0, 1.5, 2.0, 2.0])) is None
+    flat = np.array([0.03, 0.031, 0.029, 0.03, 0.028])
+    assert birth.transition_step(steps, -flat, min_change=0.1) is None
+
+
+def test_transition_step_measures_from_peak():
+    steps = np.array([0, 10, 20, 30, 40])
+    assert birth.transition_step(steps, np.array([2.0, 3.0, 4.0, 2.5, 1.0])) == 30
