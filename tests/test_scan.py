@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from ssm.scan import SCAN_MODES, combine_linear_recurrence, selective_scan
+from ssm.scan import (
+    SCAN_MODES,
+    combine_linear_recurrence,
+    selective_scan,
+    sequential_scan_reference,
+)
 
 LENGTHS = (1, 2, 3, 37, 64, 100)
 CHUNK_SIZE = 8  # divides 64 but not 37 or 100, and exceeds 1, 2 and 3
@@ -111,26 +116,48 @@ def test_combine_operator_hand_computed_case():
     np.testing.assert_allclose(states, [1.0, 2.5, 4.25, 6.125], rtol=1e-6)
 
 
-def scan_loss(x, dt, A, B, C, h0, *, mode, chunk_size=CHUNK_SIZE):
+def weighted_sum(y, h_last):
     """A scalar that depends on every output and on the final state, with uneven weights."""
-    y, h_last = selective_scan(x, dt, A, B, C, h0=h0, mode=mode, chunk_size=chunk_size)
     y_weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
     h_weights = jnp.sin(jnp.arange(h_last.size, dtype=h_last.dtype)).reshape(h_last.shape)
     return jnp.sum(y * y_weights) + jnp.sum(h_last * h_weights)
 
 
-def test_scan_gradients_agree_and_are_nonzero():
-    args = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(21, jnp.float32, seed=1))
-    grad_fn = jax.jit(jax.grad(scan_loss, argnums=tuple(range(6))), static_argnames=("mode",))
+def scan_loss(x, dt, A, B, C, h0, *, mode, chunk_size=CHUNK_SIZE):
+    return weighted_sum(*selective_scan(x, dt, A, B, C, h0=h0, mode=mode, chunk_size=chunk_size))
+
+
+def reference_loss(x, dt, A, B, C, h0):
+    return weighted_sum(*sequential_scan_reference(x, dt, A, B, C, h0))
+
+
+# The sequential scan keeps its state every 32 steps: 21 steps fit in one interval, 70 span three
+# and the last one is padded.
+@pytest.mark.parametrize("length", [21, 70])
+def test_scan_gradients_match_autodiff_reference(length):
+    args = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(length, jnp.float32, seed=1))
+    argnums = tuple(range(6))
+    grad_fn = jax.jit(jax.grad(scan_loss, argnums=argnums), static_argnames=("mode",))
     gradients = {mode: grad_fn(*args, mode=mode) for mode in SCAN_MODES}
+    reference_gradients = jax.jit(jax.grad(reference_loss, argnums=argnums))(*args)
 
     names = ("x", "dt", "A", "B", "C", "h0")
-    for name, reference in zip(names, gradients["sequential"]):
+    for name, reference in zip(names, reference_gradients):
         assert float(jnp.abs(reference).max()) > 1e-3, f"gradient of {name} is zero"
-    for mode in ("associative", "chunked"):
-        for name, got, expected in zip(names, gradients[mode], gradients["sequential"]):
+    for mode in SCAN_MODES:
+        for name, got, expected in zip(names, gradients[mode], reference_gradients):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5,
                                        err_msg=f"{mode}: gradient of {name}")
+
+
+def test_sequential_scan_values_match_autodiff_reference():
+    x, dt, A, B, C, h0 = (jnp.asarray(a, jnp.float32) for a in random_inputs(70, jnp.float32))
+
+    y, h_last = selective_scan(x, dt, A, B, C, h0=h0, mode="sequential")
+    expected_y, expected_h_last = sequential_scan_reference(x, dt, A, B, C, h0)
+
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_last, expected_h_last, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", SCAN_MODES)
@@ -172,19 +199,20 @@ def test_scan_rejects_mismatched_shapes():
         selective_scan(x, dt, A, B, C, h0=jnp.zeros((1, 1, 1)))
 
 
-def test_chunked_scan_gradient_memory_is_bounded_by_chunk():
-    expanded, state = 16, 32
+@pytest.mark.parametrize("mode", ["chunked", "sequential"])
+def test_scan_gradient_memory_does_not_store_every_state(mode):
+    expanded, state = 64, 64
 
     def scratch_bytes(length):
         args = (jnp.ones((1, length, expanded)), jnp.full((1, length, expanded), 0.1),
                 -jnp.ones((expanded, state)), jnp.ones((1, length, state)),
                 jnp.ones((1, length, state)))
-        loss = functools.partial(scan_loss, h0=None, mode="chunked", chunk_size=16)
+        loss = functools.partial(scan_loss, h0=None, mode=mode, chunk_size=16)
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     # When the sequence grows from 256 to 1024 steps, one (1, t, e, n) float32 tensor grows by
-    # 1.5 MiB. The scratch memory of the chunked gradient must grow by less than half of that:
-    # only (b, t, e) and (b, t, n) arrays may scale with the length.
+    # 12 MiB. The scratch memory of the gradient must grow by less than half of that: only
+    # (b, t, e) and (b, t, n) arrays and the states kept every 32 steps may scale with the length.
     full_tensor_growth = (1024 - 256) * expanded * state * 4
     assert scratch_bytes(1024) - scratch_bytes(256) < full_tensor_growth / 2
