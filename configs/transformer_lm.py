@@ -1,6 +1,6 @@
 """Byte-level Transformer++ language model with the parameter count of `configs/mamba_lm.py`.
 
-Run the CPU-sized default (about 10 minutes on 2 CPU cores):
+Run the CPU-sized default (about 1 minute on 2 idle CPU cores):
 
     python train.py --config=configs/transformer_lm.py --workdir=runs/transformer
 
