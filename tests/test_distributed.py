@@ -15,13 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from training import config as config_lib
 from training.metrics import read_metrics
-from training.sharding import leaf_partition_spec, mesh_shape
+from flax import nnx
+
+from models.registry import build_model
+from training.sharding import leaf_partition_spec, logical_axis_names, mesh_shape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/transformer_lm.py:tiny"
@@ -52,6 +56,10 @@ for tree_name, tree in (("params", state.params), ("opt_state", state.opt_state)
 with open(sys.argv[3], "w") as file:
     json.dump(shards, file)
 """
+
+
+# Every named dimension but the model width goes to the fsdp axis.
+LOGICAL_RULES = [["vocab", "fsdp"], ["mlp", "fsdp"], ["heads", "fsdp"], ["embed", None]]
 
 
 def free_port() -> int:
@@ -122,7 +130,8 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
 
       reference   1 process x 4 devices, replicated, 4 steps
       two         2 processes x 2 devices, replicated, 2 steps (checkpoint at step 2)
-      fsdp        1 process x 4 devices, mesh.fsdp=4, 4 steps (writes shards.json)
+      fsdp        1 process x 4 devices, mesh.fsdp=4 with LOGICAL_RULES, 4 steps (writes
+                  shards.json)
       resumed     a copy of `two` continued to step 4 by 1 process x 2 devices
     """
     root = tmp_path_factory.mktemp("runs")
@@ -130,7 +139,7 @@ def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     fsdp_overrides = ["data.path=" + json.dumps(str(corpus)), "data.val_fraction=0.1",
                       "train.num_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
                       "optimizer.warmup_steps=0", "optimizer.final_learning_rate_fraction=1.0",
-                      "mesh.fsdp=4"]
+                      "mesh.fsdp=4", "mesh.logical_rules=" + json.dumps(LOGICAL_RULES)]
 
     processes = {
         "reference": start_processes(run_flags(corpus, workdirs["reference"], 4), 1, 4),
@@ -240,6 +249,52 @@ def test_first_matching_rule_wins():
     assert leaf_partition_spec("params/embedding", (264, 32), rules, mesh) == PartitionSpec()
     assert leaf_partition_spec("opt_state/0/mu/blocks/0/kernel", (32, 8), rules,
                                mesh) == PartitionSpec("fsdp", None)
+
+
+def test_logical_rules_split_named_dimensions():
+    mesh = _FakeMesh({"data": 1, "fsdp": 4})
+    logical = [tuple(rule) for rule in LOGICAL_RULES]
+    regex = [(".*", "fsdp")]
+    cases = [
+        ("params/blocks/0/mixer/in_proj/kernel", (32, 128), PartitionSpec(None, "fsdp")),
+        ("opt_state/1/0/mu/blocks/0/mixer/out_proj/kernel", (64, 32), PartitionSpec("fsdp", None)),
+        ("params/embedding/embedding", (264, 32), PartitionSpec("fsdp", None)),
+        ("params/blocks/0/attention/out_proj/kernel", (32, 32), PartitionSpec("fsdp", None)),
+        # 258 vocabulary rows do not divide over 4 devices, and "embed" maps to None.
+        ("params/embedding/embedding", (258, 32), PartitionSpec(None, None)),
+    ]
+    for path, shape, expected in cases:
+        assert leaf_partition_spec(path, shape, regex, mesh, logical) == expected, path
+
+
+def test_logical_rules_fall_back_to_path_rules():
+    mesh = _FakeMesh({"data": 1, "fsdp": 4})
+    logical = [("mlp", "fsdp")]
+    # No logical names for this path, so the path rule decides.
+    assert leaf_partition_spec("params/extra/kernel", (8, 32), [("extra", "fsdp")], mesh,
+                               logical) == PartitionSpec(None, "fsdp")
+
+
+@pytest.mark.parametrize("config_name", ["configs/mamba_lm.py:tiny",
+                                         "configs/transformer_lm.py:tiny"])
+def test_every_model_matrix_has_logical_names(config_name):
+    config = config_lib.load_config_file(config_name)
+    model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        name = "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+        if len(leaf.shape) >= 2:
+            assert logical_axis_names(name, len(leaf.shape)) is not None, name
+
+
+def test_logical_rule_with_unknown_name_lists_allowed():
+    config = tiny_config(**{"mesh.logical_rules": (("hidden", "fsdp"),)})
+    with pytest.raises(ValueError,
+                       match=r"mesh.logical_rules\[0\].*unknown logical axis 'hidden'.*vocab"):
+        config_lib.validate_config(config, num_devices=4)
+    config = tiny_config(**{"mesh.logical_rules": (("mlp", "model"),)})
+    with pytest.raises(ValueError, match=r"mesh.logical_rules\[0\].*unknown mesh axis 'model'"):
+        config_lib.validate_config(config, num_devices=4)
 
 
 class _FakeMesh:

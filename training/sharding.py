@@ -10,6 +10,11 @@ axis splits the leaf's largest dimension that the axis size divides. Leaves with
 dimensions (norm scales, biases, `D`, counters), leaves that no rule matches and leaves without
 such a dimension stay replicated. With `mesh.fsdp = 1` every leaf is in effect replicated, which
 is plain data parallelism.
+
+`config.mesh.logical_rules`, when not empty, takes precedence for the leaves that `LOGICAL_AXES`
+names: a list of (logical axis name, mesh axis or None) pairs. Each dimension of such a leaf gets
+the mesh axis of its logical name (first rule wins) when that axis's size divides the dimension
+and no earlier dimension of the leaf already uses it; other leaves follow `mesh.rules`.
 """
 
 import re
@@ -23,6 +28,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+# Logical axis names of each parameter's dimensions, by a regular expression searched in its path:
+# "vocab" (vocabulary rows), "embed" (model width d), "mlp" (Mamba's expanded width e and the
+# feed-forward width f) and "heads" (attention heads times head dimension); None is unnamed.
+LOGICAL_AXES = (
+    (r"embedding/embedding(/|$)", ("vocab", "embed")),
+    (r"(^|/)head/kernel(/|$)", ("embed", "vocab")),
+    (r"mixer/in_proj/kernel(/|$)", ("embed", "mlp")),
+    (r"mixer/out_proj/kernel(/|$)", ("mlp", "embed")),
+    (r"mixer/x_proj/kernel(/|$)", ("mlp", None)),
+    (r"mixer/dt_proj/kernel(/|$)", (None, "mlp")),
+    (r"mixer/conv1d/kernel(/|$)", (None, "mlp")),
+    (r"mixer/A_log(/|$)", ("mlp", None)),
+    (r"attention/(query|key|value)_proj/kernel(/|$)", ("embed", "heads")),
+    (r"attention/out_proj/kernel(/|$)", ("heads", "embed")),
+    (r"feed_forward/(gate|up)_proj/kernel(/|$)", ("embed", "mlp")),
+    (r"feed_forward/down_proj/kernel(/|$)", ("mlp", "embed")),
+)
+LOGICAL_AXIS_NAMES = ("vocab", "embed", "mlp", "heads")
+
+
+def logical_axis_names(path: str, ndim: int) -> tuple[str | None, ...] | None:
+    """Return the logical axis names of the leaf at `path`, or None if `LOGICAL_AXES` has none."""
+    for pattern, names in LOGICAL_AXES:
+        if re.search(pattern, path) and len(names) == ndim:
+            return names
+    return None
 
 
 def data_mesh() -> Mesh:
@@ -85,6 +117,9 @@ def default_mesh_config() -> ml_collections.ConfigDict:
     # (regular expression searched in the leaf path, mesh axis or None) pairs, first match
     # wins (see the module docstring). The default splits every matrix over `fsdp`.
     mesh.rules = ((".*", FSDP_AXIS),)
+    # (logical axis name, mesh axis or None) pairs; when not empty they decide for every leaf
+    # that has logical names, e.g. (("vocab", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp")).
+    mesh.logical_rules = ()
     return mesh
 
 
@@ -127,6 +162,18 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
         except (re.error, TypeError) as error:
             raise ValueError(f"invalid config field mesh.rules[{index}]={tuple(rule)!r}: "
                              f"{pattern!r} is not a regular expression ({error})") from None
+    for index, rule in enumerate(section.get("logical_rules", ())):
+        if len(rule) != 2:
+            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={rule!r}; "
+                             "allowed: a (logical axis name, mesh axis or None) pair")
+        name, axis = rule
+        if name not in LOGICAL_AXIS_NAMES:
+            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={tuple(rule)!r}: "
+                             f"unknown logical axis {name!r}; allowed: "
+                             f"{', '.join(LOGICAL_AXIS_NAMES)}")
+        if axis is not None and axis not in MESH_AXES:
+            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={tuple(rule)!r}: "
+                             f"unknown mesh axis {axis!r}; allowed: {', '.join(MESH_AXES)} or None")
     return {DATA_AXIS: data, FSDP_AXIS: fsdp}
 
 
@@ -154,11 +201,24 @@ def leaf_path(path: tuple) -> str:
     return "/".join(parts)
 
 
-def leaf_partition_spec(path: str, shape: tuple[int, ...], rules, mesh: Mesh) -> PartitionSpec:
-    """Return the PartitionSpec that `rules` give a leaf of `shape` at `path` (see the module
-    docstring)."""
+def leaf_partition_spec(path: str, shape: tuple[int, ...], rules, mesh: Mesh,
+                        logical_rules=()) -> PartitionSpec:
+    """Return the PartitionSpec that `logical_rules` or `rules` give a leaf of `shape` at `path`
+    (see the module docstring)."""
     if len(shape) < 2:
         return PartitionSpec()
+    names = logical_axis_names(path, len(shape)) if logical_rules else None
+    if names is not None:
+        spec, used = [], set()
+        for name, dim_size in zip(names, shape):
+            axis = next((rule_axis for rule_name, rule_axis in logical_rules
+                         if rule_name == name), None)
+            fits = (axis in mesh.shape and axis not in used and mesh.shape[axis] > 1
+                    and dim_size % mesh.shape[axis] == 0)
+            spec.append(axis if fits else None)
+            if fits:
+                used.add(axis)
+        return PartitionSpec(*spec)
     axis = next((rule_axis for pattern, rule_axis in rules if re.search(pattern, path)), None)
     if axis is None or axis not in mesh.shape:
         return PartitionSpec()
@@ -174,11 +234,13 @@ def state_shardings(state: Any, config: ml_collections.ConfigDict, mesh: Mesh) -
     """Return a tree like the training state `state` (arrays or ShapeDtypeStructs) of
     NamedShardings: `params` and `opt_state` by `config.mesh.rules`, the rest replicated."""
     rules = [tuple(rule) for rule in mesh_section(config).rules]
+    logical_rules = [tuple(rule) for rule in mesh_section(config).get("logical_rules", ())]
 
     def sharding(path, leaf):
         name = leaf_path(path)
         if not (name.startswith("params/") or name.startswith("opt_state/")):
             return replicated(mesh)
-        return NamedSharding(mesh, leaf_partition_spec(name, tuple(leaf.shape), rules, mesh))
+        return NamedSharding(mesh, leaf_partition_spec(name, tuple(leaf.shape), rules, mesh,
+                                                       logical_rules))
 
     return jax.tree_util.tree_map_with_path(sharding, state)
