@@ -13,37 +13,26 @@ architectures have the same budget.
 
 import ml_collections
 
-from training.config import apply_variant, default_training_config
+from training.config import apply_variant, default_training_config, with_training_variants
 
-# Variant name -> overrides of the default (CPU) config, as dotted field paths.
-VARIANTS = {
+# Variant name -> model overrides of the default (CPU) config, as dotted field paths; the
+# data, optimizer and train overrides come from training.config.TRAINING_VARIANTS.
+VARIANTS = with_training_variants({
     "": {},
     "tiny": {
         "model.d_model": 32, "model.num_layers": 2, "model.d_state": 4,
-        "data.seq_len": 32, "data.batch_size": 8,
-        "optimizer.warmup_steps": 5,
-        "train.num_steps": 20, "train.log_every": 5, "train.eval_every": 10,
-        "train.eval_batches": 2, "train.checkpoint_every": 10,
     },
     # About 90M parameters: the width of the 130M model of the Mamba paper, with 24 layers.
     "small": {
         "model.d_model": 768, "model.num_layers": 24, "model.scan": "chunked",
         "model.dtype": "bfloat16",
-        "data.seq_len": 1024, "data.batch_size": 64,
-        "optimizer.learning_rate": 1.5e-3, "optimizer.warmup_steps": 1000,
-        "train.num_steps": 20000, "train.log_every": 100, "train.eval_every": 1000,
-        "train.eval_batches": 16, "train.checkpoint_every": 2000,
     },
     # About 320M parameters: the 370M model of the Mamba paper (d_model 1024, 48 layers).
     "medium": {
         "model.d_model": 1024, "model.num_layers": 48, "model.scan": "chunked",
         "model.dtype": "bfloat16",
-        "data.seq_len": 2048, "data.batch_size": 64,
-        "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 2000,
-        "train.num_steps": 50000, "train.log_every": 100, "train.eval_every": 2000,
-        "train.eval_batches": 16, "train.checkpoint_every": 2000,
     },
-}
+})
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -14,35 +14,24 @@ The `data`, `optimizer` and `train` fields are documented in `training/config.py
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from training.config import apply_variant, default_training_config
+from training.config import apply_variant, default_training_config, with_training_variants
 
-# Variant name -> overrides of the default (CPU) config, as dotted field paths.
-VARIANTS = {
+# Variant name -> model overrides of the default (CPU) config, as dotted field paths; the
+# data, optimizer and train overrides come from training.config.TRAINING_VARIANTS.
+VARIANTS = with_training_variants({
     "": {},
     "tiny": {
         "model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.ffn_dim": 112,
-        "data.seq_len": 32, "data.batch_size": 8,
-        "optimizer.warmup_steps": 5,
-        "train.num_steps": 20, "train.log_every": 5, "train.eval_every": 10,
-        "train.eval_batches": 2, "train.checkpoint_every": 10,
     },
     "small": {
         "model.d_model": 768, "model.num_layers": 12, "model.num_heads": 12, "model.ffn_dim": None,
         "model.dtype": "bfloat16",
-        "data.seq_len": 1024, "data.batch_size": 64,
-        "optimizer.learning_rate": 1.5e-3, "optimizer.warmup_steps": 1000,
-        "train.num_steps": 20000, "train.log_every": 100, "train.eval_every": 1000,
-        "train.eval_batches": 16, "train.checkpoint_every": 2000,
     },
     "medium": {
         "model.d_model": 1024, "model.num_layers": 24, "model.num_heads": 16, "model.ffn_dim": None,
         "model.dtype": "bfloat16",
-        "data.seq_len": 2048, "data.batch_size": 64,
-        "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 2000,
-        "train.num_steps": 50000, "train.log_every": 100, "train.eval_every": 2000,
-        "train.eval_batches": 16, "train.checkpoint_every": 2000,
     },
-}
+})
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -80,7 +69,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.tie_embeddings = True
     # Embedding rows are padded up to a multiple of this many (padded logits are dropped).
     config.model.pad_vocab_size_multiple = 8
-    # Longest sequence in tokens with sinusoidal positions (unused by RoPE).
+    # Maximum sequence length in tokens with sinusoidal positions (unused by RoPE).
     config.model.max_len = 4096
     # Compute dtype, "float32" or "bfloat16"; norms and softmax run in float32 either way.
     config.model.dtype = "float32"

@@ -84,6 +84,38 @@ def default_training_config() -> ml_collections.ConfigDict:
     return config
 
 
+# Data, optimizer and train overrides of the text-pretraining variants, shared by
+# configs/mamba_lm.py and configs/transformer_lm.py so that both architectures get the same budget.
+TRAINING_VARIANTS = {
+    "": {},
+    "tiny": {
+        "data.seq_len": 32, "data.batch_size": 8,
+        "optimizer.warmup_steps": 5,
+        "train.num_steps": 20, "train.log_every": 5, "train.eval_every": 10,
+        "train.eval_batches": 2, "train.checkpoint_every": 10,
+    },
+    "small": {
+        "data.seq_len": 1024, "data.batch_size": 64,
+        "optimizer.learning_rate": 1.5e-3, "optimizer.warmup_steps": 1000,
+        "train.num_steps": 20000, "train.log_every": 100, "train.eval_every": 1000,
+        "train.eval_batches": 16, "train.checkpoint_every": 2000,
+    },
+    "medium": {
+        "data.seq_len": 2048, "data.batch_size": 64,
+        "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 2000,
+        "train.num_steps": 50000, "train.log_every": 100, "train.eval_every": 2000,
+        "train.eval_batches": 16, "train.checkpoint_every": 2000,
+    },
+}
+
+
+def with_training_variants(model_variants: Mapping[str, Mapping[str, Any]]
+                           ) -> dict[str, dict[str, Any]]:
+    """Return `TRAINING_VARIANTS` with each variant's model overrides from `model_variants` added."""
+    return {name: {**overrides, **model_variants.get(name, {})}
+            for name, overrides in TRAINING_VARIANTS.items()}
+
+
 def apply_variant(config: ml_collections.ConfigDict, variant: str,
                   variants: Mapping[str, Mapping[str, Any]]) -> ml_collections.ConfigDict:
     """Apply the dotted-path overrides of `variant` ("" is the default) to `config`, then lock it.

@@ -13,8 +13,8 @@ is plain data parallelism.
 
 `config.mesh.logical_rules`, when not empty, takes precedence for the leaves that `LOGICAL_AXES`
 names: a list of (logical axis name, mesh axis or None) pairs. Each dimension of such a leaf gets
-the mesh axis of its logical name (first rule wins) when that axis's size divides the dimension
-and no earlier dimension of the leaf already uses it; other leaves follow `mesh.rules`.
+the mesh axis of its logical name (first rule wins), provided the axis size divides the dimension
+and no earlier dimension of the leaf uses that axis. Other leaves follow `mesh.rules`.
 """
 
 import re
@@ -29,9 +29,9 @@ DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-# Logical axis names of each parameter's dimensions, by a regular expression searched in its path:
-# "vocab" (vocabulary rows), "embed" (model width d), "mlp" (Mamba's expanded width e and the
-# feed-forward width f) and "heads" (attention heads times head dimension); None is unnamed.
+# Logical axis names of each parameter's dimensions, found by a regular expression searched in
+# its path. The names are "vocab" (vocabulary rows), "embed" (model width d), "mlp" (Mamba's
+# expanded width e and the feed-forward width f) and "heads" (heads times head dimension).
 LOGICAL_AXES = (
     (r"embedding/embedding(/|$)", ("vocab", "embed")),
     (r"(^|/)head/kernel(/|$)", ("embed", "vocab")),
