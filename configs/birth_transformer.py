@@ -25,7 +25,10 @@ import ml_collections
 from training.tasks import synthetic_task_config
 
 # Keyword arguments of data.synthetic.bietti_bigram_batch: 64 tokens, 3 triggers per sequence.
-TASK_OPTIONS = {"vocab_size": 64, "num_triggers": 3}
+# The triggers are the 3 most likely tokens, the same in every sequence (`fixed_triggers`). With
+# triggers drawn afresh for each sequence, a repeated trigger is rare at this length, and no
+# induction head formed within 1095 steps of the default.
+TASK_OPTIONS = {"vocab_size": 64, "num_triggers": 3, "fixed_triggers": True}
 
 # Variant name -> overrides of the default (CPU) config, as dotted field paths.
 VARIANTS = {
@@ -36,9 +39,9 @@ VARIANTS = {
         "data.seq_len": 128, "data.batch_size": 64,
         "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 50,
         "optimizer.weight_decay": 0.0,
-        # In a run of 800 steps at batch 32 the global-bigram loss had levelled off by step 300
-        # but no induction head had formed by step 480, so the default trains longer.
-        "train.num_steps": 1500, "train.log_every": 50, "train.eval_every": 25,
+        # In an 800-step run the global-bigram loss levelled off by step 200 and the induction
+        # head formed between steps 400 and 550.
+        "train.num_steps": 1000, "train.log_every": 50, "train.eval_every": 25,
         "train.eval_batches": 4, "train.checkpoint_every": 200, "train.probes": "attention",
     },
     "transformer": {},

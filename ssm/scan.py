@@ -126,66 +126,82 @@ def _batch_major(array_kibx, length):
     return jnp.swapaxes(array_tbx, 0, 1)
 
 
-def _recurrence_step(h_ben, x_be, dt_be, A, B_bn):
-    return jnp.exp(dt_be[..., None] * A) * h_ben + (dt_be * x_be)[..., None] * B_bn[:, None, :]
+# The `sequential` mode keeps its state as (b, n, e), with the expanded width e contiguous. A sum
+# over n then adds whole e-vectors. Each step adds its share of the gradient of A elementwise, and
+# the sum over b runs once at the end. On XLA:CPU this halved the time of forward and backward:
+# with a (b, e, n) state, the einsums over n and b compiled to per-step transposes. The functions
+# below take the transposed A_ne = A.T.
 
 
-def _interval_outputs(x_ibe, dt_ibe, A, B_ibn, C_ibn, h_ben):
+def _sum_over_n(array_bne):
+    """Sum (b, n, e) over n as a chain of adds of (b, e) slices.
+
+    `jnp.sum` and einsum compiled to slower per-step reductions on XLA:CPU.
+    """
+    total_be = array_bne[:, 0]
+    for index in range(1, array_bne.shape[1]):
+        total_be = total_be + array_bne[:, index]
+    return total_be
+
+
+def _interval_outputs(x_ibe, dt_ibe, A_ne, B_ibn, C_ibn, h_bne):
     """Run one interval forward and return its last state and the outputs y (interval, b, e)."""
-    def step(h_ben, inputs):
+    def step(h_bne, inputs):
         x_be, dt_be, B_bn, C_bn = inputs
-        h_ben = _recurrence_step(h_ben, x_be, dt_be, A, B_bn)
-        return h_ben, jnp.einsum("ben,bn->be", h_ben, C_bn)
+        decay_bne = jnp.exp(dt_be[:, None, :] * A_ne)
+        h_bne = decay_bne * h_bne + (dt_be * x_be)[:, None, :] * B_bn[:, :, None]
+        return h_bne, jnp.einsum("bne,bn->be", h_bne, C_bn)
 
-    return jax.lax.scan(step, h_ben, (x_ibe, dt_ibe, B_ibn, C_ibn))
+    return jax.lax.scan(step, h_bne, (x_ibe, dt_ibe, B_ibn, C_ibn))
 
 
-def _interval_previous_states(x_ibe, dt_ibe, A, B_ibn, h_ben):
+def _interval_previous_states(x_ibe, dt_ibe, A_ne, B_ibn, h_bne):
     """Recompute one interval forward and return the state before each step and its decay.
 
-    Both are (interval, b, e, n). Keeping the decays saves the backward pass one exp per element.
+    Both are (interval, b, n, e). Keeping the decays saves the backward pass one exp per element.
     """
-    def step(h_ben, inputs):
+    def step(h_bne, inputs):
         x_be, dt_be, B_bn = inputs
-        decay_ben = jnp.exp(dt_be[..., None] * A)
-        h_next_ben = decay_ben * h_ben + (dt_be * x_be)[..., None] * B_bn[:, None, :]
-        return h_next_ben, (h_ben, decay_ben)
+        decay_bne = jnp.exp(dt_be[:, None, :] * A_ne)
+        h_next_bne = decay_bne * h_bne + (dt_be * x_be)[:, None, :] * B_bn[:, :, None]
+        return h_next_bne, (h_bne, decay_bne)
 
-    _, (h_previous_iben, decay_iben) = jax.lax.scan(step, h_ben, (x_ibe, dt_ibe, B_ibn))
-    return h_previous_iben, decay_iben
+    _, (h_previous_ibne, decay_ibne) = jax.lax.scan(step, h_bne, (x_ibe, dt_ibe, B_ibn))
+    return h_previous_ibne, decay_ibne
 
 
-def _interval_backward(x_ibe, dt_ibe, A, B_ibn, C_ibn, h_previous_iben, decay_iben, dy_ibe, dh_ben,
-                       dA_en):
+def _interval_backward(x_ibe, dt_ibe, A_ne, B_ibn, C_ibn, h_previous_ibne, decay_ibne, dy_ibe,
+                       dh_bne, dA_bne):
     """Run the backward pass of one interval in reverse time.
 
-    `dh_ben` is the cotangent of the interval's last state from everything after it, and
-    `dA_en` the gradient of A accumulated so far. Returns the cotangent of the state before the
-    interval, the updated gradient of A and the per-step gradients of x, dt, B and C.
+    `dh_bne` is the cotangent of the interval's last state from everything after it, and
+    `dA_bne` the gradient of A (transposed) accumulated so far, not yet summed over the batch.
+    Returns the cotangent of the state before the interval, the updated `dA_bne` and the per-step
+    gradients of x, dt, B and C.
     """
     def step(carry, inputs):
-        dh_later_ben, dA_en = carry
-        x_be, dt_be, B_bn, C_bn, h_previous_ben, decay_ben, dy_be = inputs
+        dh_later_bne, dA_bne = carry
+        x_be, dt_be, B_bn, C_bn, h_previous_bne, decay_bne, dy_be = inputs
 
         # The state after this step, recomputed: h_t = decay * h_{t-1} + dt * x * B.
         dt_x_be = dt_be * x_be
-        h_ben = decay_ben * h_previous_ben + dt_x_be[..., None] * B_bn[:, None, :]
+        h_bne = decay_bne * h_previous_bne + dt_x_be[:, None, :] * B_bn[:, :, None]
 
         # Cotangent of h_t: from y_t = sum_n C_t h_t, and from h_{t+1} through its decay.
-        dh_ben = dh_later_ben + dy_be[..., None] * C_bn[:, None, :]
+        dh_bne = dh_later_bne + dy_be[:, None, :] * C_bn[:, :, None]
 
-        dC_bn = jnp.einsum("ben,be->bn", h_ben, dy_be)
-        dB_bn = jnp.einsum("ben,be->bn", dh_ben, dt_x_be)
-        d_dt_x_be = jnp.einsum("ben,bn->be", dh_ben, B_bn)
+        dC_bn = jnp.einsum("bne,be->bn", h_bne, dy_be)
+        dB_bn = jnp.einsum("bne,be->bn", dh_bne, dt_x_be)
+        d_dt_x_be = jnp.einsum("bne,bn->be", dh_bne, B_bn)
         # Cotangent of dt * A, through decay = exp(dt * A).
-        d_dt_A_ben = dh_ben * h_previous_ben * decay_ben
-        d_dt_be = d_dt_x_be * x_be + jnp.einsum("ben,en->be", d_dt_A_ben, A)
-        dA_en = dA_en + jnp.einsum("ben,be->en", d_dt_A_ben, dt_be)
+        d_dt_A_bne = dh_bne * h_previous_bne * decay_bne
+        d_dt_be = d_dt_x_be * x_be + _sum_over_n(d_dt_A_bne * A_ne)
+        dA_bne = dA_bne + d_dt_A_bne * dt_be[:, None, :]
 
-        return (decay_ben * dh_ben, dA_en), (d_dt_x_be * dt_be, d_dt_be, dB_bn, dC_bn)
+        return (decay_bne * dh_bne, dA_bne), (d_dt_x_be * dt_be, d_dt_be, dB_bn, dC_bn)
 
-    inputs = (x_ibe, dt_ibe, B_ibn, C_ibn, h_previous_iben, decay_iben, dy_ibe)
-    return jax.lax.scan(step, (dh_ben, dA_en), inputs, reverse=True)
+    inputs = (x_ibe, dt_ibe, B_ibn, C_ibn, h_previous_ibne, decay_ibne, dy_ibe)
+    return jax.lax.scan(step, (dh_bne, dA_bne), inputs, reverse=True)
 
 
 def _checkpoint_interval(length):
@@ -196,34 +212,38 @@ def _sequential_scan_forward(x, dt, A, B, C, h0):
     """Return (y, h_last) and the residuals: the inputs and the state at each interval start."""
     length = x.shape[1]
     intervals = _time_major_intervals((x, dt, B, C), _checkpoint_interval(length))
+    A_ne = A.T
 
-    def interval(h_ben, inputs):
+    def interval(h_bne, inputs):
         x_ibe, dt_ibe, B_ibn, C_ibn = inputs
-        h_last_ben, y_ibe = _interval_outputs(x_ibe, dt_ibe, A, B_ibn, C_ibn, h_ben)
-        return h_last_ben, (y_ibe, h_ben)
+        h_last_bne, y_ibe = _interval_outputs(x_ibe, dt_ibe, A_ne, B_ibn, C_ibn, h_bne)
+        return h_last_bne, (y_ibe, h_bne)
 
-    h_last, (y_kibe, h_start_kben) = jax.lax.scan(interval, h0, intervals)
-    return (_batch_major(y_kibe, length), h_last), (x, dt, A, B, C, h_start_kben)
+    h_last_bne, (y_kibe, h_start_kbne) = jax.lax.scan(
+        interval, jnp.swapaxes(h0, 1, 2), intervals)
+    outputs = (_batch_major(y_kibe, length), jnp.swapaxes(h_last_bne, 1, 2))
+    return outputs, (x, dt, A_ne, B, C, h_start_kbne)
 
 
 def _sequential_scan_backward(residuals, cotangents):
-    x, dt, A, B, C, h_start_kben = residuals
+    x, dt, A_ne, B, C, h_start_kbne = residuals
     dy, dh_last = cotangents
     length = x.shape[1]
     intervals = _time_major_intervals((x, dt, B, C, dy), _checkpoint_interval(length))
 
     def interval(carry, inputs):
-        dh_ben, dA_en = carry
-        x_ibe, dt_ibe, B_ibn, C_ibn, dy_ibe, h_start_ben = inputs
-        h_previous_iben, decay_iben = _interval_previous_states(
-            x_ibe, dt_ibe, A, B_ibn, h_start_ben)
-        return _interval_backward(
-            x_ibe, dt_ibe, A, B_ibn, C_ibn, h_previous_iben, decay_iben, dy_ibe, dh_ben, dA_en)
+        dh_bne, dA_bne = carry
+        x_ibe, dt_ibe, B_ibn, C_ibn, dy_ibe, h_start_bne = inputs
+        h_previous_ibne, decay_ibne = _interval_previous_states(
+            x_ibe, dt_ibe, A_ne, B_ibn, h_start_bne)
+        return _interval_backward(x_ibe, dt_ibe, A_ne, B_ibn, C_ibn, h_previous_ibne,
+                                  decay_ibne, dy_ibe, dh_bne, dA_bne)
 
-    (dh0, dA), step_gradients = jax.lax.scan(
-        interval, (dh_last, jnp.zeros_like(A)), intervals + (h_start_kben,), reverse=True)
+    initial = (jnp.swapaxes(dh_last, 1, 2), jnp.zeros_like(h_start_kbne[0]))
+    (dh0_bne, dA_bne), step_gradients = jax.lax.scan(
+        interval, initial, intervals + (h_start_kbne,), reverse=True)
     dx, d_dt, dB, dC = (_batch_major(gradient, length) for gradient in step_gradients)
-    return dx, d_dt, dA, dB, dC, dh0
+    return dx, d_dt, dA_bne.sum(0).T, dB, dC, jnp.swapaxes(dh0_bne, 1, 2)
 
 
 @jax.custom_vjp
@@ -231,13 +251,14 @@ def _sequential_scan(x, dt, A, B, C, h0):
     """Run the recurrence of `sequential_scan_reference` with a hand-written backward pass."""
     length = x.shape[1]
     intervals = _time_major_intervals((x, dt, B, C), _checkpoint_interval(length))
+    A_ne = A.T
 
-    def interval(h_ben, inputs):
+    def interval(h_bne, inputs):
         x_ibe, dt_ibe, B_ibn, C_ibn = inputs
-        return _interval_outputs(x_ibe, dt_ibe, A, B_ibn, C_ibn, h_ben)
+        return _interval_outputs(x_ibe, dt_ibe, A_ne, B_ibn, C_ibn, h_bne)
 
-    h_last, y_kibe = jax.lax.scan(interval, h0, intervals)
-    return _batch_major(y_kibe, length), h_last
+    h_last_bne, y_kibe = jax.lax.scan(interval, jnp.swapaxes(h0, 1, 2), intervals)
+    return _batch_major(y_kibe, length), jnp.swapaxes(h_last_bne, 1, 2)
 
 
 _sequential_scan.defvjp(_sequential_scan_forward, _sequential_scan_backward)
