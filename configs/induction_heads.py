@@ -7,7 +7,7 @@ at 256, the "paper" variant), then evaluate it at lengths 2^6 .. 2^20:
     python train.py --config=configs/induction_heads.py:transformer \
         --workdir=runs/induction_transformer
     python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \
-        --output_dir=results/induction_heads
+        --output_dir=runs/results/induction_heads
 
 Variants, joined by commas (`:transformer,tiny`): "mamba" (the default architecture),
 "transformer", "nonselective" (Mamba with dt, B and C independent of the input), "tiny" (seconds,

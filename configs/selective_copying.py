@@ -7,7 +7,7 @@ its time-invariant contrast, then compare their accuracy:
     python train.py --config=configs/selective_copying.py:nonselective \
         --workdir=runs/copying_nonselective
     python -m experiments.extrapolate --workdirs=runs/copying_mamba,runs/copying_nonselective \
-        --lengths=128 --output_dir=results/selective_copying
+        --lengths=128 --output_dir=runs/results/selective_copying
 
 Variants, joined by commas (`:transformer,tiny`): "mamba" (the default architecture),
 "transformer", "nonselective" (Mamba with dt, B and C independent of the input, the S4D-like

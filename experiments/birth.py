@@ -23,7 +23,7 @@ normalized to rows summing to 1 and averaged over the channels.
 Plot the probes of one or more runs:
 
     python -m experiments.birth --workdirs=runs/birth_transformer,runs/birth_mamba \
-        --output_dir=results/birth
+        --output_dir=runs/results/birth
 """
 
 import json
@@ -359,7 +359,8 @@ def _chosen_map_files(workdir, map_steps: list[int]) -> list[tuple[int, Path]]:
 def define_flags() -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
     flags.DEFINE_list("workdirs", None, "Training workdirs with probe records.")
-    flags.DEFINE_string("output_dir", "results/birth", "Folder for the plots and summary.json.")
+    flags.DEFINE_string("output_dir", "runs/results/birth",
+                        "Folder for the plots and summary.json.")
     flags.DEFINE_list("map_steps", [], "Training steps whose attention maps to plot (the nearest "
                       "saved ones); default: four spread over the run.")
 

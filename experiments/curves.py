@@ -1,7 +1,7 @@
 """Plot a validation metric against the training step for several runs, and print it as a table.
 
     python -m experiments.curves --workdirs=runs/copying_mamba,runs/copying_nonselective \
-        --metric=accuracy --output=results/selective_copying/accuracy_by_step.png
+        --metric=accuracy --output=runs/results/selective_copying/accuracy_by_step.png
 """
 
 from pathlib import Path
@@ -48,8 +48,8 @@ def define_flags() -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
     flags.DEFINE_list("workdirs", None, "Training workdirs to compare.")
     flags.DEFINE_string("metric", "accuracy", "Name of the validation metric in metrics.jsonl.")
-    flags.DEFINE_string("output", "results/curves.png", "Path of the plot; the table goes to the "
-                        "same path with the suffix .md.")
+    flags.DEFINE_string("output", "runs/results/curves.png",
+                        "Path of the plot; the table goes to the same path with the suffix .md.")
 
 
 def main(argv: list[str]) -> None:

@@ -8,7 +8,7 @@ causal attention, and a length whose attention weights would exceed `--max_atten
 whose run fails to allocate memory) is reported as out of memory.
 
     python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \
-        --output_dir=results/induction_heads
+        --output_dir=runs/results/induction_heads
 
 writes `extrapolation.json`, `extrapolation.csv`, `extrapolation.md` and `extrapolation.png`.
 """
@@ -221,7 +221,7 @@ def write_outputs(rows: list[dict], lengths: list[int], output_dir: Path) -> Non
 def define_flags() -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
     flags.DEFINE_list("workdirs", None, "Training workdirs of synthetic-task runs.")
-    flags.DEFINE_string("output_dir", "results/extrapolation",
+    flags.DEFINE_string("output_dir", "runs/results/extrapolation",
                         "Folder for the table, CSV, JSON and plot.")
     flags.DEFINE_list("lengths", [str(2**n) for n in range(6, 21)],
                       "Test sequence lengths in tokens (default 2^6 .. 2^20).")

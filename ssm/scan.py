@@ -14,7 +14,9 @@ the initial state h0 and the final state are (b, e, n).
   backward recomputes the states and decays exp(dt * A) of one interval at a time, then runs
   one reverse `lax.scan` whose body emits all the gradients of a step.
   `sequential_scan_reference` is the same forward differentiated by JAX, which stores
-  (t, b, e, n) residuals; tests hold the two equal.
+  (t, b, e, n) residuals; tests hold the two equal. Being a `jax.custom_vjp`, this mode has no
+  forward-mode derivative: `jax.jvp` and `jax.jacfwd` raise JAX's TypeError, while `jax.grad`,
+  `jax.hessian` (forward over reverse) and `jax.vmap` work. The other modes support both.
 - `associative`: `jax.lax.associative_scan` with `combine_linear_recurrence`, O(log t) depth but
   it materialises the (b, t, e, n) decays and inputs of the whole sequence.
 - `chunked`: `jax.lax.scan` over chunks of `chunk_size` steps with an associative scan inside

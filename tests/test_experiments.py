@@ -116,6 +116,16 @@ def test_unknown_task_option_names_allowed_ones():
         TaskData(config)
 
 
+def test_num_triggers_above_vocabulary_raises():
+    # Outputs are drawn from the non-trigger tokens, so a vocabulary of 16 (the tiny variant)
+    # allows at most 15 triggers. The check runs when the data source is built.
+    _, config = load_config("birth_transformer")
+    config.data.task_options.num_triggers = 16
+    with pytest.raises(ValueError,
+                       match=r"data.task_options.num_triggers .*\[1, 15\], got 16"):
+        TaskData(config)
+
+
 def test_model_vocabulary_smaller_than_task_raises():
     _, config = load_config("induction_heads")
     config.unlock()

@@ -160,6 +160,26 @@ def test_sequential_scan_values_match_autodiff_reference():
     np.testing.assert_allclose(h_last, expected_h_last, rtol=1e-6, atol=1e-6)
 
 
+def test_jvp_matches_reference_except_sequential():
+    args = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32, seed=2))
+    tangents = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32, seed=3))
+    _, (expected_dy, expected_dh) = jax.jvp(sequential_scan_reference, args, tangents)
+    assert float(jnp.abs(expected_dy).max()) > 1e-3
+
+    for mode in ("associative", "chunked"):
+        def scan(*arrays, mode=mode):
+            return selective_scan(*arrays[:5], h0=arrays[5], mode=mode, chunk_size=CHUNK_SIZE)
+        _, (dy, dh) = jax.jvp(scan, args, tangents)
+        np.testing.assert_allclose(dy, expected_dy, rtol=1e-4, atol=1e-5, err_msg=mode)
+        np.testing.assert_allclose(dh, expected_dh, rtol=1e-4, atol=1e-5, err_msg=mode)
+
+    # The sequential mode is a jax.custom_vjp, which JAX cannot differentiate in forward mode.
+    def sequential(*arrays):
+        return selective_scan(*arrays[:5], h0=arrays[5], mode="sequential")
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(sequential, args, tangents)
+
+
 @pytest.mark.parametrize("mode", SCAN_MODES)
 def test_scan_gradients_match_finite_differences(mode):
     previous_x64 = jax.config.jax_enable_x64
