@@ -417,6 +417,23 @@ def test_resume_with_other_model_names_differing_fields(corpus_file, trained_wor
     assert checkpoint_listing(trained_workdir) == before
 
 
+def test_resume_with_other_data_sizes_continues_the_run(corpus_file, trained_workdir, tmp_path):
+    # The README's induction-heads recipe resumes a run with a longer length, another batch size
+    # and more steps. Only the model section has to match.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    lines_before = len((workdir / "metrics.jsonl").read_text().splitlines())
+    config = tiny_config(corpus_file, train__num_steps=6, data__seq_len=64, data__batch_size=4)
+
+    state = train_and_evaluate(config, workdir)
+
+    new_records = [json.loads(line) for line in
+                   (workdir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    assert [r["step"] for r in new_records if r["split"] == "train"] == [5, 6]
+    assert int(state.step) == 6
+    assert checkpoint.load_config(workdir).data.seq_len == 64
+
+
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
     before = checkpoint_listing(trained_workdir)
     config = tiny_config(corpus_file, train__num_steps=8, train__checkpoint_every=1,
