@@ -1,6 +1,6 @@
 """Byte-level Mamba language model on the Python standard library's source.
 
-Run the CPU-sized default (about 2.5 minutes on 2 idle CPU cores):
+Run the CPU-sized default (about 2 minutes on 2 idle CPU cores):
 
     python train.py --config=configs/mamba_lm.py --workdir=runs/mamba
 

@@ -26,7 +26,7 @@ def default_training_config() -> ml_collections.ConfigDict:
     """Return the `data`, `optimizer` and `train` sections with their CPU-sized defaults.
 
     The defaults train the default models of `configs/` in a few minutes on 2 idle CPU cores
-    (Mamba about 2.5, the Transformer about 1).
+    (Mamba about 2, the Transformer about 1).
     """
     config = ml_collections.ConfigDict()
 
