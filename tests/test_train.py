@@ -418,8 +418,8 @@ def test_resume_with_other_model_names_differing_fields(corpus_file, trained_wor
 
 
 def test_resume_with_other_data_sizes_continues_the_run(corpus_file, trained_workdir, tmp_path):
-    # The README's induction-heads recipe resumes a run with a longer length, another batch size
-    # and more steps. Only the model section has to match.
+    # A resumed run may change the data and train sections (a longer length, another batch
+    # size, more steps). Only the model section has to match.
     workdir = tmp_path / "run"
     shutil.copytree(trained_workdir, workdir)
     lines_before = len((workdir / "metrics.jsonl").read_text().splitlines())
