@@ -1,7 +1,7 @@
 """Induction heads (Gu & Dao 2023, "Mamba", Table 11): recall the token after an earlier trigger.
 
 Train the CPU-sized default (Mamba, 2 layers, d_model 64, trained at length 256 like the paper,
-batch 16, 3000 steps, about 5 minutes on 2 idle CPU cores), then evaluate it at lengths
+batch 16, 3000 steps, about 6 minutes on 2 idle CPU cores), then evaluate it at lengths
 2^6 .. 2^20:
 
     python train.py --config=configs/induction_heads.py --workdir=runs/induction_mamba
@@ -28,9 +28,9 @@ TASK_OPTIONS = {"vocab_size": 16}
 VARIANTS = {
     "": {
         # The paper's training length. Only the last position is scored, one token per
-        # sequence. In a 12000-step run at this length and batch the Mamba default left chance
-        # between steps 500 and 1000, and it extrapolated further than a model that learned the
-        # task at length 64 first and then trained for 19,700 steps at 256.
+        # sequence. At this length and batch the Mamba default leaves chance between steps 750
+        # and 1000. It extrapolated further than a model that learned the task at length 64
+        # first and then trained for 19,700 steps at 256.
         "data.seq_len": 256, "data.batch_size": 16,
         "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 100,
         "optimizer.weight_decay": 0.0,
