@@ -25,9 +25,8 @@ import ml_collections
 from training.tasks import synthetic_task_config
 
 # Keyword arguments of data.synthetic.bietti_bigram_batch: 64 tokens, 3 triggers per sequence.
-# The triggers are the 3 most likely tokens, the same in every sequence (`fixed_triggers`). With
-# triggers drawn afresh for each sequence, a repeated trigger is rare at this length, and no
-# induction head formed within 1095 steps of the default.
+# The triggers are the 3 most likely tokens in every sequence (`fixed_triggers`). Triggers drawn
+# afresh per sequence rarely repeat at length 128, and no induction head formed in 1095 steps.
 TASK_OPTIONS = {"vocab_size": 64, "num_triggers": 3, "fixed_triggers": True}
 
 # Variant name -> overrides of the default (CPU) config, as dotted field paths.
@@ -39,8 +38,8 @@ VARIANTS = {
         "data.seq_len": 128, "data.batch_size": 64,
         "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 50,
         "optimizer.weight_decay": 0.0,
-        # In an 800-step run the global-bigram loss levelled off by step 200 and the induction
-        # head formed between steps 400 and 550.
+        # In an 800-step run the bigram loss levelled off by step 200, and the induction head
+        # formed between steps 400 and 550.
         "train.num_steps": 1000, "train.log_every": 50, "train.eval_every": 25,
         "train.eval_batches": 4, "train.checkpoint_every": 200, "train.probes": "attention",
     },

@@ -160,7 +160,7 @@ def test_sequential_scan_values_match_autodiff_reference():
     np.testing.assert_allclose(h_last, expected_h_last, rtol=1e-6, atol=1e-6)
 
 
-def test_jvp_matches_reference_except_sequential():
+def test_scan_jvp_against_reference():
     args = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32, seed=2))
     tangents = tuple(jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32, seed=3))
     _, (expected_dy, expected_dh) = jax.jvp(sequential_scan_reference, args, tangents)

@@ -417,7 +417,7 @@ def test_resume_with_other_model_names_differing_fields(corpus_file, trained_wor
     assert checkpoint_listing(trained_workdir) == before
 
 
-def test_resume_with_other_data_sizes_continues_the_run(corpus_file, trained_workdir, tmp_path):
+def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     # A resumed run may change the data and train sections (a longer length, another batch
     # size, more steps). Only the model section has to match.
     workdir = tmp_path / "run"

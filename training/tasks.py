@@ -71,16 +71,17 @@ def validate_task_config(config: ml_collections.ConfigDict) -> None:
         if name not in allowed_options:
             raise ValueError(f"unknown config field data.task_options.{name} for task {task!r}; "
                              f"allowed: {', '.join(allowed_options)}")
-    # One single-sequence batch checks the option values (ranges, combinations) with the
-    # generator's own rules, before any model or workdir file is made.
+    # A one-sequence batch checks the option values with the generator's own rules, before any
+    # model or workdir file is made.
     try:
         SYNTHETIC_TASKS[task](seed=0, step=0, batch_size=1, seq_len=config.data.seq_len, **options)
     except (TypeError, ValueError) as error:
-        named = [f"data.task_options.{name}" for name in options if str(error).startswith(name)]
-        if str(error).startswith("seq_len"):
-            named = ["data.seq_len"]
-        field = named[0] if named else "data.task_options"
-        raise ValueError(f"invalid config field {field} for task {task!r}: {error}") from None
+        message = str(error)
+        fields = [f"data.task_options.{name}" for name in options if message.startswith(name)]
+        if message.startswith("seq_len"):
+            fields = ["data.seq_len"]
+        field = fields[0] if fields else "data.task_options"
+        raise ValueError(f"invalid config field {field} for task {task!r}: {message}") from None
     vocab_size = task_vocab_size(task, options)
     if config.model.vocab_size < vocab_size:
         raise ValueError(f"invalid config field model.vocab_size={config.model.vocab_size}; "
