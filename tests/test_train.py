@@ -188,6 +188,27 @@ def test_learning_rate_warmup_then_cosine():
     assert float(schedule(110)) == pytest.approx(0.1)
 
 
+def test_learning_rate_late_phase_is_constant_after_shorter_cosine():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").optimizer
+    config.unlock()
+    config.learning_rate, config.warmup_steps, config.final_learning_rate_fraction = 1.0, 10, 0.1
+    config.late_phase_step, config.late_phase_learning_rate = 60, 3.0
+    schedule = learning_rate_schedule(config, num_steps=110)
+
+    assert float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(35)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # midpoint of 10..60
+    assert float(schedule(59)) == pytest.approx(0.1, abs=1e-3)
+    assert float(schedule(60)) == pytest.approx(3.0)
+    assert float(schedule(110)) == pytest.approx(3.0)
+
+
+def test_late_phase_without_learning_rate_is_refused():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
+    config.optimizer.late_phase_step = 100
+    with pytest.raises(ValueError, match="optimizer.late_phase_learning_rate=0.0.*> 0"):
+        validate_config(config, num_devices=1)
+
+
 def test_gradient_accumulation_matches_one_full_batch(corpus_file):
     config = tiny_config(corpus_file)
     mesh = data_mesh()
@@ -432,6 +453,25 @@ def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     assert [r["step"] for r in new_records if r["split"] == "train"] == [5, 6]
     assert int(state.step) == 6
     assert checkpoint.load_config(workdir).data.seq_len == 64
+
+
+def test_load_run_fills_optimizer_fields_missing_from_old_config(trained_workdir, tmp_path):
+    # A config.json written before the late phase existed still loads, with the defaults that
+    # reproduce the old behaviour.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    for name in ("late_phase_step", "late_phase_learning_rate"):
+        del saved["optimizer"][name]
+    (workdir / "config.json").write_text(json.dumps(saved))
+
+    model, config = load_run(workdir)
+    reference, _ = load_run(trained_workdir)
+
+    assert config.optimizer.late_phase_step == 0
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                            jax.tree.leaves(nnx.state(reference, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):

@@ -79,11 +79,20 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -
 
 
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """Read the config that a run saved in `workdir`."""
+    """Read the config that a run saved in `workdir`.
+
+    Optimizer fields added after the run was saved get their defaults, which reproduce the
+    behaviour of the version that saved it.
+    """
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"no {CONFIG_FILE} in workdir {str(workdir)!r}; is it a training workdir?")
-    return ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    config = ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    if "optimizer" in config:
+        for name, value in config_lib.default_training_config().optimizer.items():
+            if name not in config.optimizer:
+                config.optimizer[name] = value
+    return config
 
 
 def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

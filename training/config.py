@@ -51,6 +51,11 @@ def default_training_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 50
     # Learning rate at the end of the cosine decay, as a fraction of the peak (0 to 1).
     config.optimizer.final_learning_rate_fraction = 0.1
+    # Optimizer step from which the learning rate is late_phase_learning_rate, constant; the warmup
+    # and cosine decay then end at this step. 0 means no late phase.
+    config.optimizer.late_phase_step = 0
+    # Learning rate of the late phase (used only when late_phase_step > 0).
+    config.optimizer.late_phase_learning_rate = 0.0
     # AdamW decay rates of the first and second moment estimates (dimensionless).
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.95
@@ -175,6 +180,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     _require(0 <= optimizer.final_learning_rate_fraction <= 1,
              "optimizer.final_learning_rate_fraction", optimizer.final_learning_rate_fraction,
              "0 <= x <= 1")
+    _require(optimizer.late_phase_step >= 0, "optimizer.late_phase_step",
+             optimizer.late_phase_step, "an integer >= 0")
+    if optimizer.late_phase_step > 0:
+        _require(optimizer.late_phase_learning_rate > 0, "optimizer.late_phase_learning_rate",
+                 optimizer.late_phase_learning_rate,
+                 "a number > 0 when optimizer.late_phase_step > 0")
     _require(0 <= optimizer.b1 < 1, "optimizer.b1", optimizer.b1, "0 <= x < 1")
     _require(0 <= optimizer.b2 < 1, "optimizer.b2", optimizer.b2, "0 <= x < 1")
     _require(optimizer.weight_decay >= 0, "optimizer.weight_decay", optimizer.weight_decay,

@@ -37,13 +37,23 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Return the learning rate per optimizer step: linear warmup from 0, then cosine decay."""
+    """Return the learning rate per optimizer step: linear warmup from 0, then cosine decay.
+
+    With `late_phase_step` > 0 the warmup and decay end at that step, and from it on the learning
+    rate is the constant `late_phase_learning_rate`.
+    """
     peak = config.learning_rate
-    warmup_steps = min(config.warmup_steps, num_steps)
-    return optax.warmup_cosine_decay_schedule(
+    late_step = config.late_phase_step
+    decay_end = min(late_step, num_steps) if late_step > 0 else num_steps
+    warmup_steps = min(config.warmup_steps, decay_end)
+    schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(num_steps, warmup_steps + 1),
+        decay_steps=max(decay_end, warmup_steps + 1),
         end_value=peak * config.final_learning_rate_fraction)
+    if late_step <= 0:
+        return schedule
+    return optax.join_schedules(
+        [schedule, optax.constant_schedule(config.late_phase_learning_rate)], [late_step])
 
 
 def build_optimizer(config: ml_collections.ConfigDict | Mapping[str, Any], num_steps: int
