@@ -188,7 +188,7 @@ def test_learning_rate_warmup_then_cosine():
     assert float(schedule(110)) == pytest.approx(0.1)
 
 
-def test_learning_rate_late_phase_is_constant_after_shorter_cosine():
+def test_late_phase_learning_rate_constant():
     config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").optimizer
     config.unlock()
     config.learning_rate, config.warmup_steps, config.final_learning_rate_fraction = 1.0, 10, 0.1
@@ -202,7 +202,7 @@ def test_learning_rate_late_phase_is_constant_after_shorter_cosine():
     assert float(schedule(110)) == pytest.approx(3.0)
 
 
-def test_late_phase_without_learning_rate_is_refused():
+def test_late_phase_needs_learning_rate():
     config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
     config.optimizer.late_phase_step = 100
     with pytest.raises(ValueError, match="optimizer.late_phase_learning_rate=0.0.*> 0"):
@@ -455,7 +455,7 @@ def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     assert checkpoint.load_config(workdir).data.seq_len == 64
 
 
-def test_load_run_fills_optimizer_fields_missing_from_old_config(trained_workdir, tmp_path):
+def test_load_run_old_config_gets_defaults(trained_workdir, tmp_path):
     # A config.json written before the late phase existed still loads, with the defaults that
     # reproduce the old behaviour.
     workdir = tmp_path / "run"
@@ -472,6 +472,32 @@ def test_load_run_fills_optimizer_fields_missing_from_old_config(trained_workdir
     for ours, theirs in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                             jax.tree.leaves(nnx.state(reference, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_unreadable_checkpoint_names_earlier_step(corpus_file, tmp_path):
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config(corpus_file, train__num_steps=4, train__checkpoint_every=2),
+                       workdir)
+    steps = sorted(int(path.name) for path in (workdir / checkpoint.CHECKPOINT_DIR).iterdir()
+                   if path.name.isdigit())
+    latest, earlier = steps[-1], steps[-2]
+    data_files = [path for path in (workdir / checkpoint.CHECKPOINT_DIR / str(latest)).rglob("*")
+                  if path.is_file() and path.parent.name == "d"]
+    assert data_files
+    for path in data_files:
+        path.write_bytes(b"\0" * 100)
+    before = checkpoint_listing(workdir)
+    message = (rf"failed to read the checkpoint of step {latest} in .*{latest} \(.*\); move that "
+               rf"folder out of the workdir to resume from step {earlier}")
+
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(corpus_file, train__num_steps=8), workdir)
+    with pytest.raises(ValueError, match=message):
+        load_run(workdir)
+    missing = rf"no checkpoint of step 3 .*saved steps: {earlier}, {latest}"
+    with pytest.raises(ValueError, match=missing):
+        load_run(workdir, step=3)
+    assert checkpoint_listing(workdir) == before
 
 
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):

@@ -59,13 +59,29 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"no checkpoint found under {manager.directory}")
+    if step not in manager.all_steps():
+        saved_steps = ", ".join(str(saved) for saved in manager.all_steps())
+        raise ValueError(f"no checkpoint of step {step} under {manager.directory}; "
+                         f"saved steps: {saved_steps}")
 
     def target(leaf):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
     abstract_tree = jax.tree.map(target, _saved_tree(template))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_tree)))["state"]
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_tree)))["state"]
+    except Exception as error:  # TensorStore and orbax raise several types for unreadable files.
+        earlier = [saved for saved in manager.all_steps() if saved < step]
+        fallback = (f"move that folder out of the workdir to resume from step {max(earlier)}"
+                    if earlier else "there is no earlier checkpoint; start a new workdir")
+        root = error
+        while root.__cause__ is not None:  # The innermost error names the unreadable file.
+            root = root.__cause__
+        reason = (str(root).strip() or type(root).__name__).splitlines()[0]
+        folder = Path(manager.directory) / str(step)
+        raise ValueError(f"failed to read the checkpoint of step {step} in {folder} ({reason}); "
+                         f"{fallback}") from error
     return template.replace(step=restored["step"], params=restored["params"],
                             rest=restored["rest"], opt_state=restored["opt_state"])
 
