@@ -500,6 +500,22 @@ def test_unreadable_checkpoint_names_earlier_step(corpus_file, tmp_path):
     assert checkpoint_listing(workdir) == before
 
 
+def test_workdir_in_use_is_rejected(corpus_file, trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    before = checkpoint_listing(workdir)
+    config = tiny_config(corpus_file, train__num_steps=6)
+
+    with checkpoint.workdir_lock(workdir):  # What a run training in this workdir holds.
+        with pytest.raises(ValueError, match=rf"in use by another training run \(process "
+                                             rf"{os.getpid()} holds .*run.lock\)"):
+            train_and_evaluate(config, workdir)
+        assert checkpoint_listing(workdir) == before
+
+    state = train_and_evaluate(config, workdir)  # The lock is free again.
+    assert int(state.step) == 6
+
+
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
     before = checkpoint_listing(trained_workdir)
     config = tiny_config(corpus_file, train__num_steps=8, train__checkpoint_every=1,

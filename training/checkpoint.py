@@ -4,6 +4,7 @@ A workdir holds:
 
   config.json         the full config of the run, written when the run starts
   checkpoints/<step>/ orbax checkpoints of the training state (step, params, optimizer state)
+  run.lock            locked while a run trains there, so that a second run is rejected
 
 The batch order is a pure function of (seed, step), so the step stored in a checkpoint is also
 the data position: a resumed run reads exactly the batches that it would have read without the
@@ -12,8 +13,11 @@ places each array by the shardings of its template, so a checkpoint written on o
 processes with 2 devices each) resumes on another (1 process with 2 devices).
 """
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,34 @@ from training.steps import TrainState, create_train_state
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `workdir` during a run, or raise ValueError if a run holds it.
+
+    The lock is an advisory `flock` on `run.lock`, which the operating system releases when the
+    process ends, so a killed run leaves no stale lock. It may not work on network filesystems.
+    """
+    path = Path(workdir) / LOCK_FILE
+    with open(path, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ValueError(f"workdir {str(workdir)!r} is in use by another training run "
+                             f"(process {holder} holds {path}); wait for it to end or pass "
+                             "another --workdir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def checkpoint_manager(workdir: str | os.PathLike, *, keep: int) -> ocp.CheckpointManager:

@@ -4,6 +4,7 @@
 own so that a notebook can run them one at a time.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -161,6 +162,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         logging.set_verbosity(logging.WARNING)  # Progress lines come from process 0 only.
     validate_config(config, num_devices=jax.device_count(), num_processes=num_processes)
     workdir = check_workdir(workdir)
+    # Process 0 locks the workdir for the whole run. The other processes of a multi-host run
+    # share the workdir with it.
+    lock = checkpoint.workdir_lock(workdir) if is_writer else contextlib.nullcontext()
+    with lock:
+        return _train_in_workdir(config, workdir, is_writer, num_processes)
+
+
+def _train_in_workdir(config: ml_collections.ConfigDict, workdir: Path, is_writer: bool,
+                      num_processes: int) -> TrainState:
+    """Run `train_and_evaluate` once the workdir is checked (and locked by process 0)."""
     source = load_data_source(config)
     if (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
         has_checkpoint = any(entry.name.isdigit()
