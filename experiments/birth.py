@@ -67,17 +67,11 @@ def mamba_implicit_attention(model: nnx.Module, tokens_bt: jax.Array) -> list[ja
     Runs the same embedding, norms and mixer steps as `model(tokens_bt)` and captures dt, A, B
     and C before each selective scan.
     """
-    # NOTE: uses the mixer's private `_ssm_inputs` and `_A`, so this follows any change to how
-    # the mixer computes dt, B and C (selective or time-invariant).
     x_btd = model._embed(tokens_bt)
     maps = []
     for block in model.blocks:
-        mixer = block.mixer
-        xz_bte = mixer.in_proj(block.norm(x_btd))
-        x_bte, _ = jnp.split(xz_bte, 2, axis=-1)
-        x_bte, _ = mixer.conv1d(x_bte, mixer.init_cache(x_bte.shape[0]).conv_inputs)
-        dt_bte, B_btn, C_btn = mixer._ssm_inputs(jax.nn.silu(x_bte))
-        maps.append(implicit_attention(dt_bte, mixer._A(), B_btn, C_btn))
+        _, dt_bte, A_en, B_btn, C_btn = block.mixer.scan_inputs(block.norm(x_btd))
+        maps.append(implicit_attention(dt_bte, A_en, B_btn, C_btn))
         x_btd = block(x_btd)
     return maps
 

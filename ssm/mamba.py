@@ -301,22 +301,37 @@ class MambaMixer(nnx.Module):
         Positions where `mask` (b, t) is False get a zero conv input and dt = 0, so they leave
         the conv inputs seen by later tokens and the SSM state unchanged.
         """
-        xz_bte = self.in_proj(x_btd)
-        x_bte, z_bte = jnp.split(xz_bte, 2, axis=-1)
-        if mask is not None:
-            x_bte = jnp.where(mask[..., None], x_bte, 0)
-
-        x_bte, conv_inputs = self.conv1d(x_bte, cache.conv_inputs)
-        x_bte = jax.nn.silu(x_bte)
-
-        dt_bte, B_btn, C_btn = self._ssm_inputs(x_bte)
-        if mask is not None:
-            dt_bte = jnp.where(mask[..., None], dt_bte, 0.0)
+        x_bte, z_bte, dt_bte, B_btn, C_btn, conv_inputs = self._chunk_scan_inputs(
+            x_btd, cache.conv_inputs, mask)
         y_bte, ssm_state = selective_scan(
             x_bte, dt_bte, self._A(), B_btn, C_btn, h0=cache.ssm_state, mode=self.config.scan,
             chunk_size=self.config.chunk_size)
 
         return self._output(y_bte, x_bte, z_bte), MambaCache(conv_inputs, ssm_state)
+
+    def _chunk_scan_inputs(self, x_btd, conv_inputs, mask):
+        """Return x, the gate z, dt, B and C of a chunk (b, t, d), and the new conv inputs."""
+        xz_bte = self.in_proj(x_btd)
+        x_bte, z_bte = jnp.split(xz_bte, 2, axis=-1)
+        if mask is not None:
+            x_bte = jnp.where(mask[..., None], x_bte, 0)
+
+        x_bte, conv_inputs = self.conv1d(x_bte, conv_inputs)
+        x_bte = jax.nn.silu(x_bte)
+
+        dt_bte, B_btn, C_btn = self._ssm_inputs(x_bte)
+        if mask is not None:
+            dt_bte = jnp.where(mask[..., None], dt_bte, 0.0)
+        return x_bte, z_bte, dt_bte, B_btn, C_btn, conv_inputs
+
+    def scan_inputs(self, x_btd: jax.Array) -> tuple[jax.Array, ...]:
+        """Return the inputs x (b, t, e), dt (b, t, e), A (e, n), B and C (b, t, n) of the
+        selective scan that `__call__` runs on the sequence x_btd (for probes such as the
+        implicit attention).
+        """
+        conv_inputs = self.init_cache(x_btd.shape[0]).conv_inputs
+        x_bte, _, dt_bte, B_btn, C_btn, _ = self._chunk_scan_inputs(x_btd, conv_inputs, None)
+        return x_bte, dt_bte, self._A(), B_btn, C_btn
 
     def __call__(self, x_btd: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Run a whole sequence (b, t, d) from an empty cache; return the output (b, t, d)."""

@@ -193,6 +193,28 @@ def test_non_selective_ssm_inputs_are_constant():
         np.testing.assert_array_equal(first[0, 0], first[0, -1])
 
 
+@pytest.mark.parametrize("selective", [True, False])
+def test_scan_inputs_rebuild_mixer_output(selective):
+    # The mixer's output is out_proj((y + D x) * silu(z)), with y the plain recurrence run on
+    # the scan inputs and z the second half of in_proj.
+    model = build_language_model(tiny_config(selective=selective), rngs=nnx.Rngs(0))
+    mixer = model.blocks[0].mixer
+    x_btd = jax.random.normal(jax.random.key(2), (2, 6, mixer.config.d_model))
+
+    x, dt, A, B, C = (np.asarray(array, np.float64) for array in mixer.scan_inputs(x_btd))
+    h_ben = np.zeros(x.shape[:1] + A.shape)
+    y = np.zeros_like(x)
+    for t in range(x.shape[1]):
+        decay_ben = np.exp(dt[:, t, :, None] * A)
+        h_ben = decay_ben * h_ben + (dt[:, t] * x[:, t])[..., None] * B[:, t, None]
+        y[:, t] = np.einsum("ben,bn->be", h_ben, C[:, t])
+    z = np.asarray(jnp.split(mixer.in_proj(x_btd), 2, axis=-1)[1], np.float64)
+    gated = (y + x * np.asarray(mixer.D[...])) * z / (1 + np.exp(-z))
+    expected = np.asarray(mixer.out_proj(jnp.asarray(gated, jnp.float32)))
+
+    np.testing.assert_allclose(np.asarray(mixer(x_btd)), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_bfloat16_keeps_float32_parameters_and_state():
     model = build_language_model(tiny_config(dtype="bfloat16"), rngs=nnx.Rngs(0))
     tokens = random_tokens(2, 5)
