@@ -18,7 +18,7 @@ from flax import nnx
 
 from experiments import birth, extrapolate
 from models.registry import build_model
-from training import load_run, train_and_evaluate
+from training import load_run, plot, train_and_evaluate
 from training.freezing import frozen_labels
 from training.optimizer import build_optimizer, learning_rate_schedule
 from training.steps import create_train_state, train_step
@@ -169,6 +169,21 @@ def test_task_run_logs_accuracy_in_unit_interval(trained_induction_run):
     for record in validation:
         assert 0.0 <= record["accuracy"] <= 1.0
         assert math.isfinite(record["loss"])
+
+
+def test_task_run_has_no_bits_per_byte(trained_induction_run, tmp_path, capsys):
+    # Task tokens are not bytes, so the records have no bits per byte and training.plot rejects them.
+    records = [json.loads(line) for line in
+               (trained_induction_run / "metrics.jsonl").read_text().splitlines()]
+    assert records
+    assert all("bits_per_byte" not in record for record in records)
+
+    assert plot.main([str(trained_induction_run), "--out", str(tmp_path / "curves.png")]) == 1
+    captured = capsys.readouterr()
+    assert "is a synthetic-task run" in captured.err
+    assert "experiments.curves" in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_extrapolation_matches_direct_accuracy(trained_induction_run):

@@ -243,7 +243,8 @@ def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> T
         metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
         step += 1
         _check_finite(step, metrics, manager)
-        metrics["bits_per_byte"] = bits_per_byte(metrics["loss"])
+        if source.tokens_are_bytes:
+            metrics["bits_per_byte"] = bits_per_byte(metrics["loss"])
 
         now = time.perf_counter()
         if step > first_step + 1:

@@ -4,10 +4,12 @@ Only process 0 writes; on other processes the writer drops every record.
 
 Each line of `metrics.jsonl` is one JSON object with `step` and `split`:
 
-  split "train": loss (nats per byte token), bits_per_byte, learning_rate, grad_norm (global L2
-                 norm before clipping), param_norm (global L2 norm after the update), tokens
-                 (seen so far), elapsed_s (wall time of this process since it started the run)
-  split "val":   loss, bits_per_byte over the fixed validation set
+  split "train": loss (nats per token), bits_per_byte (text runs only), learning_rate,
+                 grad_norm (global L2 norm before clipping), param_norm (global L2 norm after
+                 the update), tokens (seen so far), elapsed_s (wall time of this process since
+                 it started the run)
+  split "val":   loss and, over the fixed validation set, bits_per_byte (text runs) or
+                 accuracy at the scored positions (synthetic tasks), plus any probe values
 
 A resumed run appends to the same file. Steps after the last checkpoint of a run that crashed
 appear twice; readers keep the last record of each (step, split).
@@ -81,14 +83,15 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, num_steps: int, metrics: dict[str, float],
                   tokens_per_second: float | None, eta_seconds: float | None) -> str:
-    """Format one progress line: step, loss, bits per byte, learning rate, gradient norm,
-    throughput and the estimated time left.
+    """Format one progress line: step, loss, bits per byte (text runs), learning rate, gradient
+    norm, throughput and the estimated time left.
     """
     speed = "compiling" if tokens_per_second is None else f"{tokens_per_second:,.0f} tokens/s"
     eta = "?" if eta_seconds is None else format_duration(eta_seconds)
-    return (f"step {step}/{num_steps} | loss {metrics['loss']:.4f} | "
-            f"{metrics['bits_per_byte']:.3f} bits/byte | lr {metrics['learning_rate']:.2e} | "
-            f"grad norm {metrics['grad_norm']:.3f} | {speed} | ETA {eta}")
+    bits = f"{metrics['bits_per_byte']:.3f} bits/byte | " if "bits_per_byte" in metrics else ""
+    return (f"step {step}/{num_steps} | loss {metrics['loss']:.4f} | {bits}"
+            f"lr {metrics['learning_rate']:.2e} | grad norm {metrics['grad_norm']:.3f} | "
+            f"{speed} | ETA {eta}")
 
 
 class QuietLibraries(logging.Filter):

@@ -39,6 +39,9 @@ def run_summary(workdir: str | Path) -> dict[str, float | None]:
     val = read_metrics(workdir, "val")
     if not train:
         raise ValueError(f"{str(workdir)!r} has no training records in metrics.jsonl")
+    if any("bits_per_byte" not in record for record in train[-1:] + val[-1:]):
+        raise ValueError(f"{str(workdir)!r} is a synthetic-task run, whose metrics have accuracy "
+                         "instead of bits per byte; plot it with python -m experiments.curves")
     tokens = np.array([record["tokens"] for record in train], dtype=np.float64)
     elapsed = np.array([record["elapsed_s"] for record in train], dtype=np.float64)
     # A resumed run restarts its clock: keep only intervals where the clock moved forwards.
@@ -90,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--smooth must be >= 1, got {args.smooth}")
 
     try:
+        summaries = [run_summary(workdir) for workdir in args.workdirs]
         print(f"{'run':<30} {'step':>7} {'val bits/byte':>14} {'tokens/s':>10}")
-        for workdir in args.workdirs:
-            summary = run_summary(workdir)
+        for workdir, summary in zip(args.workdirs, summaries):
             val = summary["val_bits_per_byte"]
             speed = summary["tokens_per_second"]
             print(f"{Path(workdir).name:<30} {summary['step']:>7} "

@@ -120,6 +120,8 @@ def masked_eval_step(state, batch: dict[str, jax.Array]) -> dict[str, jax.Array]
 class TextData:
     """Byte windows of a text corpus: the default data of `train.py`."""
 
+    # Whether a token is a byte, so that bits per token are bits per byte.
+    tokens_are_bytes = True
     loss_fn = staticmethod(sequence_loss)
     eval_fn = staticmethod(eval_step)
 
@@ -160,6 +162,7 @@ class TextData:
 class TaskData:
     """Batches of the synthetic task `data.task`, a pure function of (seed, step, process)."""
 
+    tokens_are_bytes = False
     loss_fn = staticmethod(masked_loss)
     eval_fn = staticmethod(masked_eval_step)
 
