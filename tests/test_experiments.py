@@ -172,7 +172,7 @@ def test_task_run_logs_accuracy_in_unit_interval(trained_induction_run):
 
 
 def test_task_run_has_no_bits_per_byte(trained_induction_run, tmp_path, capsys):
-    # Task tokens are not bytes, so the records have no bits per byte and training.plot rejects them.
+    # Task tokens are not bytes: no bits per byte in the records, and training.plot rejects them.
     records = [json.loads(line) for line in
                (trained_induction_run / "metrics.jsonl").read_text().splitlines()]
     assert records
