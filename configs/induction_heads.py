@@ -28,7 +28,7 @@ TASK_OPTIONS = {"vocab_size": 16}
 VARIANTS = {
     "": {
         # The paper's training length, where Mamba leaves chance between steps 750 and 1000 and
-        # reaches a loss of 0 by step 2000. The late phase is our choice. At 5x the learning rate,
+        # reaches a loss of 0 by step 1500. The late phase is our choice. At 5x the learning rate,
         # the updates keep lowering dt at noise tokens after the loss is 0, and the memory of the
         # first trigger then lasts to 2^20 tokens. Without it, accuracy falls from 2^12 on.
         "data.seq_len": 256, "data.batch_size": 16,

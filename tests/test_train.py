@@ -202,10 +202,19 @@ def test_late_phase_learning_rate_constant():
     assert float(schedule(110)) == pytest.approx(3.0)
 
 
-def test_late_phase_needs_learning_rate():
+@pytest.mark.parametrize("step,rate,message", [
+    (100, 0.0, r"late_phase_learning_rate=0.0; allowed: a finite number > 0"),
+    (100, math.inf, r"late_phase_learning_rate=inf; allowed: a finite number > 0"),
+    (0, 1e-2, r"late_phase_learning_rate=0.01; allowed: 0 while optimizer.late_phase_step is 0"),
+    (1, 1e-2, r"late_phase_step=1; allowed: 0 \(no late phase\) or an integer >= "
+              r"optimizer.warmup_steps \(2\)"),
+    (-5, 1e-2, r"late_phase_step=-5; allowed: 0 \(no late phase\)"),
+])
+def test_bad_late_phase_is_rejected(step, rate, message):
     config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
-    config.optimizer.late_phase_step = 100
-    with pytest.raises(ValueError, match="optimizer.late_phase_learning_rate=0.0.*> 0"):
+    config.optimizer.warmup_steps = 2
+    config.optimizer.late_phase_step, config.optimizer.late_phase_learning_rate = step, rate
+    with pytest.raises(ValueError, match=message):
         validate_config(config, num_devices=1)
 
 

@@ -8,6 +8,7 @@ the device mesh and the parameter sharding (see `training/sharding.py`).
 
 import dataclasses
 import importlib.util
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,10 +52,11 @@ def default_training_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 50
     # Learning rate at the end of the cosine decay, as a fraction of the peak (0 to 1).
     config.optimizer.final_learning_rate_fraction = 0.1
-    # Optimizer step from which the learning rate is late_phase_learning_rate, constant; the warmup
-    # and cosine decay then end at this step. 0 means no late phase.
+    # Optimizer step from which the learning rate is late_phase_learning_rate, constant: the warmup
+    # and cosine decay then end at this step. 0 means no late phase, and a run whose
+    # train.num_steps is smaller never reaches it.
     config.optimizer.late_phase_step = 0
-    # Learning rate of the late phase (used only when late_phase_step > 0).
+    # Learning rate of the late phase; 0 when late_phase_step is 0.
     config.optimizer.late_phase_learning_rate = 0.0
     # AdamW decay rates of the first and second moment estimates (dimensionless).
     config.optimizer.b1 = 0.9
@@ -173,19 +175,24 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
     _require(data.seq_len > 0, "data.seq_len", data.seq_len, "an integer > 0")
     _require(data.batch_size > 0, "data.batch_size", data.batch_size, "an integer > 0")
 
-    _require(optimizer.learning_rate > 0, "optimizer.learning_rate", optimizer.learning_rate,
-             "a number > 0")
+    _require(math.isfinite(optimizer.learning_rate) and optimizer.learning_rate > 0,
+             "optimizer.learning_rate", optimizer.learning_rate, "a finite number > 0")
     _require(optimizer.warmup_steps >= 0, "optimizer.warmup_steps", optimizer.warmup_steps,
              "an integer >= 0")
     _require(0 <= optimizer.final_learning_rate_fraction <= 1,
              "optimizer.final_learning_rate_fraction", optimizer.final_learning_rate_fraction,
              "0 <= x <= 1")
-    _require(optimizer.late_phase_step >= 0, "optimizer.late_phase_step",
-             optimizer.late_phase_step, "an integer >= 0")
-    if optimizer.late_phase_step > 0:
-        _require(optimizer.late_phase_learning_rate > 0, "optimizer.late_phase_learning_rate",
-                 optimizer.late_phase_learning_rate,
-                 "a number > 0 when optimizer.late_phase_step > 0")
+    late_step, late_rate = optimizer.late_phase_step, optimizer.late_phase_learning_rate
+    _require(late_step == 0 or late_step >= max(optimizer.warmup_steps, 1),
+             "optimizer.late_phase_step", late_step,
+             f"0 (no late phase) or an integer >= optimizer.warmup_steps "
+             f"({optimizer.warmup_steps}), so that the warmup ends first")
+    if late_step > 0:
+        _require(math.isfinite(late_rate) and late_rate > 0, "optimizer.late_phase_learning_rate",
+                 late_rate, "a finite number > 0 when optimizer.late_phase_step > 0")
+    else:
+        _require(late_rate == 0, "optimizer.late_phase_learning_rate", late_rate,
+                 "0 while optimizer.late_phase_step is 0; set both to use a late phase")
     _require(0 <= optimizer.b1 < 1, "optimizer.b1", optimizer.b1, "0 <= x < 1")
     _require(0 <= optimizer.b2 < 1, "optimizer.b2", optimizer.b2, "0 <= x < 1")
     _require(optimizer.weight_decay >= 0, "optimizer.weight_decay", optimizer.weight_decay,
