@@ -71,8 +71,18 @@ def parse_flags(argv: list[str]) -> list[str]:
                              "is a --flag")
         return remaining
     except (ValueError, flags.Error) as error:
-        sys.stderr.write(f"train.py: invalid flags: {error}\n")
+        sys.stderr.write(f"train.py: invalid flags: {_flag_error_message(error)}\n")
         sys.exit(2)
+
+
+def _flag_error_message(error: Exception) -> str:
+    """Return the message of a flag error, without the tuple that boolean overrides print."""
+    cause = error.__cause__ or error.__context__
+    if (isinstance(error, flags.IllegalFlagValueError) and isinstance(cause, ValueError)
+            and len(cause.args) == 2 and "boolean" in str(cause.args[0])):
+        flag = str(error).split(": ", 1)[0]
+        return f"{flag}: expected true or false, got {cause.args[1]!r}"
+    return str(error)
 
 
 def main(argv: list[str]) -> int:

@@ -544,6 +544,8 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
         (["--config=configs/mamba_lm.py:tiny", "--config.data.seq_len=0"],
          r"data.seq_len=0; allowed: an integer > 0"),
         (["--config=configs/mamba_lm.py:tiny", "extra"], "unexpected arguments: extra"),
+        (["--config=configs/mamba_lm.py:tiny", "--config.model.selective=maybe"],
+         r"flag --config.model.selective=maybe: expected true or false, got 'maybe'$"),
     ]
     for flags, message in cases:
         process = run_python(["train.py", *flags, f"--workdir={tmp_path / 'run'}"])
