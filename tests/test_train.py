@@ -527,8 +527,9 @@ def test_workdir_in_use_is_rejected(corpus_file, trained_workdir, tmp_path):
 
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
     before = checkpoint_listing(trained_workdir)
+    # A finite learning rate so large that the first update overflows the parameters.
     config = tiny_config(corpus_file, train__num_steps=8, train__checkpoint_every=1,
-                         optimizer__learning_rate=float("inf"), optimizer__warmup_steps=0)
+                         optimizer__learning_rate=1e38, optimizer__warmup_steps=0)
     saved_config = (trained_workdir / checkpoint.CONFIG_FILE).read_text()
     with pytest.raises(TrainingDivergedError, match="at step 5"):
         train_and_evaluate(config, trained_workdir)
