@@ -13,6 +13,7 @@ processes find each other from the cluster's variables; elsewhere add
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (HOST: the machine of process 0).
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -76,12 +77,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _flag_error_message(error: Exception) -> str:
-    """Return the message of a flag error, without the tuple that boolean overrides print."""
+    """Return the message of a flag error, naming the expected type of a malformed override.
+
+    ml_collections passes on the ValueError of Python's own parsers, which prints a tuple for
+    booleans and "invalid literal for int() with base 10" for integers.
+    """
     cause = error.__cause__ or error.__context__
-    if (isinstance(error, flags.IllegalFlagValueError) and isinstance(cause, ValueError)
-            and len(cause.args) == 2 and "boolean" in str(cause.args[0])):
-        flag = str(error).split(": ", 1)[0]
+    if not (isinstance(error, flags.IllegalFlagValueError) and isinstance(cause, ValueError)):
+        return str(error)
+    flag = str(error).split(": ", 1)[0]
+    if len(cause.args) == 2 and "boolean" in str(cause.args[0]):
         return f"{flag}: expected true or false, got {cause.args[1]!r}"
+    for pattern, expected in ((r"invalid literal for int\(\) with base 10: (.*)", "an integer"),
+                              (r"could not convert string to float: (.*)", "a number")):
+        match = re.fullmatch(pattern, str(cause))
+        if match:
+            return f"{flag}: expected {expected}, got {match.group(1)}"
     return str(error)
 
 
