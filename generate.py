@@ -1,6 +1,6 @@
 """Sample text from a trained byte-level language model (Mamba or Transformer, same command).
 
-    python generate.py --workdir=runs/mamba --prompt="def main(" --max_new_tokens=200 \
+    python generate.py --workdir=runs/mamba --prompt="def main(" --max_new_tokens=200 \\
         --temperature=0.8 --top_p=0.95 --num_samples=4
 
 The latest checkpoint in `--workdir` is loaded with `training.load_run`. The prompt is encoded as
@@ -55,7 +55,11 @@ def main(argv: list[str]) -> None:
         check_flags()
         sampling.validate(ByteTokenizer.vocab_size)
     except ValueError as error:
-        sys.exit(f"generate.py: error: {error}")
+        # `SamplingConfig` names its fields, which are the flags' names without the dashes.
+        message = str(error)
+        if not message.startswith("--"):
+            message = f"--{message}"
+        sys.exit(f"generate.py: error: {message}")
 
     logging.info("Loading the latest checkpoint of %s", FLAGS.workdir)
     try:

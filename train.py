@@ -1,7 +1,7 @@
 """Train a byte-level language model; resume from the workdir's latest checkpoint if it has one.
 
     python train.py --config=configs/mamba_lm.py --workdir=runs/mamba
-    python train.py --config=configs/transformer_lm.py:tiny --workdir=/tmp/tiny \
+    python train.py --config=configs/transformer_lm.py:tiny --workdir=/tmp/tiny \\
         --config.train.num_steps=50
 
 The config file's `get_config(variant)` builds the config; `--config.SECTION.FIELD=VALUE`

@@ -1,7 +1,7 @@
 """Decode throughput and cache memory against context length: Mamba against a Transformer.
 
     python -m benchmarks.decode                   # defaults: several minutes on a 2-core CPU
-    python -m benchmarks.decode --contexts=256,4096,65536,262144 --batch_sizes=1,64 \
+    python -m benchmarks.decode --contexts=256,4096,65536,262144 --batch_sizes=1,64 \\
         --d_model=768 --num_layers=24 --new_tokens=256
 
 For each model, batch size and context length L, a random prompt of L tokens is prefilled in

@@ -1,7 +1,7 @@
 """Mamba inference over 2^20 tokens: chunked prefill that carries the recurrent state.
 
     python -m benchmarks.long_context             # defaults: a few minutes on a 2-core CPU
-    python -m benchmarks.long_context --total_tokens=16777216 --chunk=65536 --d_model=768 \
+    python -m benchmarks.long_context --total_tokens=16777216 --chunk=65536 --d_model=768 \\
         --num_layers=24
 
 The sequence is scored chunk by chunk. Each call of `LanguageModel.prefill` continues from the

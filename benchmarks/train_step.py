@@ -1,7 +1,7 @@
 """Training-step time, memory and model FLOPs utilisation against sequence length.
 
     python -m benchmarks.train_step               # defaults: a few minutes on a 2-core CPU
-    python -m benchmarks.train_step --lengths=512,2048,8192,32768 --tokens_per_batch=262144 \
+    python -m benchmarks.train_step --lengths=512,2048,8192,32768 --tokens_per_batch=262144 \\
         --d_model=768 --num_layers=24
 
 Every length runs at the same number of tokens per batch (batch = tokens / length), so a model

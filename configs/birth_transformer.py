@@ -7,7 +7,7 @@ evaluation and their plots show both phases:
 
     python train.py --config=configs/birth_transformer.py --workdir=runs/birth_transformer
     python train.py --config=configs/birth_transformer.py:mamba --workdir=runs/birth_mamba
-    python -m experiments.birth --workdirs=runs/birth_transformer,runs/birth_mamba \
+    python -m experiments.birth --workdirs=runs/birth_transformer,runs/birth_mamba \\
         --output_dir=runs/results/birth
 
 Variants are joined by commas (`:attention_only,frozen_embeddings`). "transformer" is the default

@@ -5,9 +5,9 @@ batch 16, 3000 steps of which the last 1000 run at 5x the learning rate, about 6
 idle CPU cores), then evaluate it at lengths 2^6 .. 2^20:
 
     python train.py --config=configs/induction_heads.py --workdir=runs/induction_mamba
-    python train.py --config=configs/induction_heads.py:transformer \
+    python train.py --config=configs/induction_heads.py:transformer \\
         --workdir=runs/induction_transformer
-    python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \
+    python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \\
         --output_dir=runs/results/induction_heads
 
 Variants, joined by commas (`:transformer,tiny`): "mamba" (the default architecture),

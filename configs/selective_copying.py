@@ -4,9 +4,9 @@ Train the CPU-sized default (Mamba, 2 layers, d_model 64, 8 data tokens in seque
 its time-invariant contrast, then compare their accuracy:
 
     python train.py --config=configs/selective_copying.py --workdir=runs/copying_mamba
-    python train.py --config=configs/selective_copying.py:nonselective \
+    python train.py --config=configs/selective_copying.py:nonselective \\
         --workdir=runs/copying_nonselective
-    python -m experiments.extrapolate --workdirs=runs/copying_mamba,runs/copying_nonselective \
+    python -m experiments.extrapolate --workdirs=runs/copying_mamba,runs/copying_nonselective \\
         --lengths=128 --output_dir=runs/results/selective_copying
 
 Variants, joined by commas (`:transformer,tiny`): "mamba" (the default architecture),

@@ -22,7 +22,7 @@ normalized to rows summing to 1 and averaged over the channels.
 
 Plot the probes of one or more runs:
 
-    python -m experiments.birth --workdirs=runs/birth_transformer,runs/birth_mamba \
+    python -m experiments.birth --workdirs=runs/birth_transformer,runs/birth_mamba \\
         --output_dir=runs/results/birth
 """
 

@@ -1,6 +1,6 @@
 """Plot a validation metric against the training step for several runs, and print it as a table.
 
-    python -m experiments.curves --workdirs=runs/copying_mamba,runs/copying_nonselective \
+    python -m experiments.curves --workdirs=runs/copying_mamba,runs/copying_nonselective \\
         --metric=accuracy --output=runs/results/selective_copying/accuracy_by_step.png
 """
 

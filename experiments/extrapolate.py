@@ -7,7 +7,7 @@ longer than `--chunk_len` with its recurrent state: `LanguageModel.prefill` over
 causal attention, and a length whose attention weights would exceed `--max_attention_gib` (or
 whose run fails to allocate memory) is reported as out of memory.
 
-    python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \
+    python -m experiments.extrapolate --workdirs=runs/induction_mamba,runs/induction_transformer \\
         --output_dir=runs/results/induction_heads
 
 writes `extrapolation.json`, `extrapolation.csv`, `extrapolation.md` and `extrapolation.png`.
@@ -27,6 +27,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from training import load_run
+from training.metrics import QuietLibraries
 from training.tasks import TaskData
 
 # `process_index` of the batches generated here: neither training (processes 0, 1, ...) nor
@@ -240,6 +241,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(QuietLibraries())
     lengths = [int(length) for length in flags.FLAGS.lengths]
     rows = []
     for workdir in flags.FLAGS.workdirs:

@@ -8,6 +8,9 @@ import functools
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -197,6 +200,23 @@ def test_extrapolation_matches_direct_accuracy(trained_induction_run):
         assert result["status"] == "ok"
         assert result["sequences"] == 8
         assert result["accuracy"] == masked_accuracy(model, batch), length
+
+
+def test_extrapolate_command_prints_results_without_library_logs(trained_induction_run,
+                                                                  tmp_path):
+    output_dir = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.extrapolate", f"--workdirs={trained_induction_run}",
+         f"--output_dir={output_dir}", "--lengths=16,32", "--max_tokens=64", "--min_sequences=2",
+         "--max_sequences=2", "--chunk_len=16"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "length 32:" in output
+    # Restoring a checkpoint makes orbax log about 25 INFO lines; the command drops them.
+    assert "orbax" not in output and "checkpoint_manager" not in output, output
+    assert json.loads((output_dir / "extrapolation.json").read_text())
 
 
 def test_chunked_evaluation_counts_known_correct_positions():

@@ -6,6 +6,7 @@ masked causal average over a positional cache) and against the real Mamba and Tr
 
 import importlib
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -463,15 +464,42 @@ def test_generate_script_samples_from_checkpoint(tmp_path):
     assert "import " in result.stdout
 
 
-@pytest.mark.parametrize("flag, field", [
-    ("--top_k=0", "top_k"),
-    ("--top_k=258", "top_k"),
-    ("--max_new_tokens=0", "max_new_tokens"),
+@pytest.mark.parametrize("flag, allowed", [
+    ("--top_k=0", ">= 1"),
+    ("--top_k=258", "between 1 and the vocabulary size 257"),
+    ("--top_p=1.5", "in (0, 1]"),
+    ("--temperature=-1", ">= 0"),
+    ("--max_new_tokens=0", ">= 1"),
 ])
-def test_generate_script_rejects_bad_flag(tmp_path, flag, field):
+def test_generate_script_rejects_bad_flag(tmp_path, flag, allowed):
     result = _run_generate_script(f"--workdir={tmp_path}", flag)
 
     assert result.returncode != 0
     error_lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(error_lines) == 1, result.stderr
-    assert field in error_lines[0]
+    name, value = flag.split("=")
+    # The message names the flag as it is typed, the value given and the allowed range.
+    assert f"error: {name} must" in error_lines[0], error_lines[0]
+    assert allowed in error_lines[0] and value in error_lines[0], error_lines[0]
+
+
+def test_readme_generation_snippet(tmp_path, monkeypatch):
+    # The README's Python example, run as written on a saved tiny run in place of runs/mamba.
+    save_tiny_run(tmp_path / "runs" / "mamba", "mamba")
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    snippet = next(block for block in blocks if "from generation import" in block)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+
+    result, tokenizer = namespace["result"], namespace["tokenizer"]
+    samples = result.token_lists()
+    assert len(samples) == 2
+    for ids, stopped, row in zip(samples, result.stopped, result.tokens, strict=True):
+        assert len(ids) <= 50
+        assert tokenizer.SEPARATOR not in ids
+        # A sample shorter than 50 ids ended at the separator, which follows it in the tokens.
+        assert stopped == (len(ids) < 50)
+        if stopped:
+            assert row[len(ids)] == tokenizer.SEPARATOR

@@ -603,3 +603,17 @@ def test_moving_average_of_known_values():
 
     averaged = moving_average(np.array([1.0, 3.0, 5.0, 7.0]), window=2)
     np.testing.assert_allclose(averaged, [1.0, 2.0, 4.0, 6.0])
+
+
+def test_readme_notebook_training_steps_learn(monkeypatch):
+    # The README's notebook snippet, run as written: 20 steps must take the loss well below
+    # ln(257) = 5.55 nats, the loss of a model that predicts all 257 ids equally.
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    snippet = next(block for block in blocks if "training.initial_train_state" in block)
+    monkeypatch.chdir(REPO)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+    assert int(namespace["state"].step) == 20
+    assert float(namespace["metrics"]["loss"]) < 5.0
+    assert isinstance(namespace["model"], nnx.Module)

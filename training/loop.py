@@ -108,13 +108,18 @@ def load_data_source(config: ml_collections.ConfigDict) -> tasks.TextData | task
     return tasks.TextData(load_training_data(config), config)
 
 
-def initial_train_state(config: ml_collections.ConfigDict, mesh) -> TrainState:
-    """Build the model and optimizer state with fresh parameters, placed on `mesh` by the
-    sharding rules of `config.mesh` (replicated by default)."""
+def initial_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainState:
+    """Build the model and optimizer state of `config` with fresh parameters.
+
+    With a `mesh`, the state is placed on it by the sharding rules of `config.mesh` (replicated
+    by default); without one it stays on the default device.
+    """
     model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
     num_steps = config.train.num_steps
     state = create_train_state(model, build_optimizer(config.optimizer, num_steps),
                                learning_rate_schedule(config.optimizer, num_steps))
+    if mesh is None:
+        return state
     return jax.device_put(state, state_shardings(state, config, mesh))
 
 
