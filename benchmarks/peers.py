@@ -30,10 +30,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from benchmarks import common, model_configs  # noqa: E402
 from data.tokenizer import VOCAB_SIZE  # noqa: E402
 from ssm import SCAN_MODES  # noqa: E402
+from training.sharding import DATA_AXIS, data_mesh  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 4, "Batch size.")
@@ -65,7 +67,11 @@ def time_ours(tokens: np.ndarray, scan: str) -> tuple[float, int]:
 
         return jax.value_and_grad(mean_loss)(params)
 
-    tokens = jnp.asarray(tokens)
+    # With several devices (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N), the
+    # batch is split over them and the parameters replicated, as `train.py` does.
+    mesh = data_mesh()
+    tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     seconds = common.median_seconds(lambda: loss_and_grads(params, tokens), repeats=FLAGS.repeats)
     return seconds, sum(leaf.size for leaf in jax.tree.leaves(params))
 
@@ -142,6 +148,9 @@ def main(argv):
     unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
     if unknown:
         raise app.UsageError(f"--scans has unknown modes {unknown}; allowed: {SCAN_MODES}")
+    if FLAGS.batch < 1 or FLAGS.batch % jax.device_count():
+        raise app.UsageError(f"--batch={FLAGS.batch} must be a positive multiple of the "
+                             f"{jax.device_count()} devices the batch is split over")
 
     torch.manual_seed(0)
     info = common.machine()
@@ -153,7 +162,8 @@ def main(argv):
     rows = []
     for scan in FLAGS.scans:
         seconds, num_params = time_ours(tokens, scan)
-        rows.append({"implementation": f"ours ({scan} scan)", "seconds": seconds,
+        devices = f", {jax.device_count()} devices" if jax.device_count() > 1 else ""
+        rows.append({"implementation": f"ours ({scan} scan{devices})", "seconds": seconds,
                      "parameters": num_params})
         print(f"ours, {scan}: {seconds:.3f} s", flush=True)
     for name, build, repeats in (
