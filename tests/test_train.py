@@ -617,3 +617,20 @@ def test_readme_notebook_training_steps_learn(monkeypatch):
     assert int(namespace["state"].step) == 20
     assert float(namespace["metrics"]["loss"]) < 5.0
     assert isinstance(namespace["model"], nnx.Module)
+
+
+def test_resume_after_cut_metrics_line_keeps_file_readable(corpus_file, tmp_path):
+    # A run killed while it writes a record leaves a last line without its newline. The resumed
+    # run must not glue its first record onto it.
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config(corpus_file, train__num_steps=4), workdir)
+    metrics_file = workdir / "metrics.jsonl"
+    complete = metrics_file.read_bytes()
+    metrics_file.write_bytes(complete[:-10])
+    kept = complete[:complete[:-10].rfind(b"\n") + 1]
+
+    train_and_evaluate(tiny_config(corpus_file, train__num_steps=6), workdir)
+    assert metrics_file.read_bytes().startswith(kept)
+    lines = metrics_file.read_text().splitlines()
+    assert all(json.loads(line)["step"] >= 1 for line in lines)
+    assert [record["step"] for record in read_metrics(workdir, "train")][-1] == 6

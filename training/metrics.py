@@ -27,6 +27,22 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def drop_cut_last_line(path: Path) -> None:
+    """Remove a last line without its newline, which a run killed while writing leaves behind.
+
+    Appending after it would glue the next record onto the cut one, in the middle of the file.
+    """
+    if not path.is_file():
+        return
+    with open(path, "rb+") as file:
+        data = file.read()
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        file.truncate(keep)
+    logging.warning("dropped a cut last line of %d bytes from %s", len(data) - keep, path)
+
+
 class MetricsWriter:
     """Append metric records to `metrics.jsonl` and TensorBoard scalars (process 0 only)."""
 
@@ -35,7 +51,9 @@ class MetricsWriter:
         self._file = None
         self._tensorboard = None
         if enabled:
-            self._file = open(Path(workdir) / METRICS_FILE, "a", encoding="utf-8")
+            path = Path(workdir) / METRICS_FILE
+            drop_cut_last_line(path)
+            self._file = open(path, "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
