@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(QuietLibraries())
 
     # Imported here so that `--help` and flag errors do not wait for JAX.
+    import jax
     from data import ByteTokenizer
     from generation import SamplingConfig, generate
     from training import load_run
@@ -68,13 +69,31 @@ def main(argv: list[str]) -> None:
         sys.exit(f"generate.py: error: could not load a checkpoint from --workdir="
                  f"{FLAGS.workdir}: {error}")
     logging.info("Loaded a %s model", config.model.architecture)
+    if config.data.get("task"):
+        sys.exit(f"generate.py: error: --workdir={FLAGS.workdir} is a run of the synthetic task "
+                 f"{config.data.task!r}, whose tokens are not text; pass the workdir of a run "
+                 "on a text corpus")
 
     tokenizer = ByteTokenizer()
-    prompt_ids = [tokenizer.SEPARATOR, *tokenizer.encode(FLAGS.prompt).tolist()]
+    try:
+        prompt_ids = [tokenizer.SEPARATOR, *tokenizer.encode(FLAGS.prompt).tolist()]
+    except UnicodeEncodeError as error:
+        sys.exit(f"generate.py: error: --prompt is not valid text ({error.reason} at characters "
+                 f"{error.start} to {error.end - 1}); pass UTF-8 text")
     start = time.perf_counter()
-    result = generate(model, [prompt_ids] * FLAGS.num_samples,
-                      max_new_tokens=FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed,
-                      stop_token=tokenizer.SEPARATOR)
+    try:
+        result = generate(model, [prompt_ids] * FLAGS.num_samples,
+                          max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+                          seed=FLAGS.seed, stop_token=tokenizer.SEPARATOR)
+    except ValueError as error:  # For example a prompt longer than the model's positions.
+        sys.exit(f"generate.py: error: --prompt of {len(prompt_ids) - 1} bytes with "
+                 f"--max_new_tokens={FLAGS.max_new_tokens}: {error}")
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error) and "Out of memory" not in str(error):
+            raise
+        sys.exit(f"generate.py: error: out of memory for --num_samples={FLAGS.num_samples} and "
+                 f"a prompt plus --max_new_tokens={FLAGS.max_new_tokens} tokens (a Transformer's "
+                 "key/value cache grows with them); lower either")
     seconds = time.perf_counter() - start
     logging.info("Generated %d tokens in %.2f s, compilation included",
                  int(result.lengths.sum() + result.stopped.sum()), seconds)

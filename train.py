@@ -109,6 +109,11 @@ def main(argv: list[str]) -> int:
     except (ValueError, training.TrainingDivergedError) as error:
         logging.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        # The training loop turns Ctrl-C into a checkpoint and a clean stop; this is before it.
+        logging.error("interrupted while starting, before the first training step; nothing "
+                      "was written to the checkpoints")
+        return 130
     return 0
 
 

@@ -196,6 +196,10 @@ def _load_folder(
     train_files = tuple(relative for (relative, _), is_val in zip(documents, in_val) if not is_val)
     for split_name, split_files in (("validation", val_files), ("training", train_files)):
         if not split_files:
+            # A file that is not text is the more useful message: read them first.
+            for relative, _ in documents:
+                for _ in token_files.read_text_chunks(root / relative):
+                    pass
             raise ValueError(
                 f"the {split_name} split of corpus folder {root} is empty: none of its "
                 f"{len(documents)} non-empty files hash into it at val_fraction={val_fraction}. "

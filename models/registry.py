@@ -59,6 +59,9 @@ def model_dataclass(model_config: Mapping[str, Any]):
                 raise ValueError(f"invalid model field {name}={fields[name]!r}; allowed: "
                                  f"{', '.join(DTYPE_NAMES)}")
             fields[name] = jnp.dtype(fields[name])
+    # A command-line override of a field whose default is a string ("auto") stays a string.
+    if isinstance(fields.get("dt_rank"), str) and fields["dt_rank"].isdigit():
+        fields["dt_rank"] = int(fields["dt_rank"])
     return config_class(**fields)
 
 

@@ -258,6 +258,8 @@ _sequential_scan.defvjp(_sequential_scan_forward, _sequential_scan_backward)
 
 def _chunked_scan(x, dt, A, B, C, h0, chunk_size):
     batch, length, expanded = x.shape
+    # A chunk longer than the sequence would only add padded steps.
+    chunk_size = min(chunk_size, length)
     num_chunks = -(-length // chunk_size)
     padding = num_chunks * chunk_size - length
 

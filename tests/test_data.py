@@ -639,3 +639,11 @@ def test_validation_batches_reject_short_tokens():
 def test_entropy_of_empty_tokens_raises():
     with pytest.raises(ValueError, match="tokens is empty"):
         data.unigram_entropy_bits(np.zeros(0, dtype=np.uint16))
+
+
+def test_folder_of_one_binary_file_names_the_file_not_the_empty_split(tmp_path):
+    # One file can fill only one split; that the file is not text is the problem to report.
+    (tmp_path / "blob.py").write_bytes(b"\x7fELF\x00\x01")
+
+    with pytest.raises(ValueError, match="blob.py is not a text file"):
+        data.load_corpus(tmp_path)

@@ -402,17 +402,26 @@ def _tiny_config(architecture: str):
     return module.get_config("tiny")
 
 
-def save_tiny_run(workdir: Path, architecture: str) -> nnx.Module:
+def save_tiny_run(workdir: Path, architecture: str, config_file: str | None = None,
+                  **model_overrides) -> nnx.Module:
     """Write a training workdir holding one checkpoint of a tiny model; return that model.
 
     The saved model is initialised with a seed other than the config's, so a loader that ignored
-    the checkpoint and built fresh parameters would produce a different model.
+    the checkpoint and built fresh parameters would produce a different model. `config_file`
+    replaces the architecture's text config (for a synthetic task's), and `model_overrides`
+    set model fields.
     """
     from models.registry import build_model
     from training import checkpoint, create_train_state
+    from training.config import load_config_file
     from training.optimizer import build_optimizer, learning_rate_schedule
 
-    config = _tiny_config(architecture)
+    if config_file is None:
+        config = _tiny_config(architecture)
+    else:
+        config = load_config_file(str(REPO_ROOT / config_file) + ":tiny")
+    for name, value in model_overrides.items():
+        config.model[name] = value
     model = build_model(config.model, rngs=nnx.Rngs(config.train.seed + 1))
     num_steps = config.train.num_steps
     state = create_train_state(model, build_optimizer(config.optimizer, num_steps),
@@ -503,3 +512,23 @@ def test_readme_generation_snippet(tmp_path, monkeypatch):
         assert stopped == (len(ids) < 50)
         if stopped:
             assert row[len(ids)] == tokenizer.SEPARATOR
+
+
+@pytest.mark.parametrize("run, flags, message", [
+    ({"architecture": "mamba", "config_file": "configs/induction_heads.py"}, [],
+     "is a run of the synthetic task 'induction_heads', whose tokens are not text"),
+    ({"architecture": "mamba"}, ["--prompt=\udcff\udcfe"],
+     r"--prompt is not valid text \(surrogates not allowed at characters 0 to 1\)"),
+    ({"architecture": "transformer", "positions": "sinusoidal", "max_len": 16},
+     ["--prompt=abc", "--max_new_tokens=20"],
+     r"--prompt of 3 bytes with --max_new_tokens=20: .*max_len"),
+])
+def test_generate_script_rejects_unusable_run_or_prompt(tmp_path, run, flags, message):
+    save_tiny_run(tmp_path / "run", **run)
+    result = _run_generate_script(f"--workdir={tmp_path / 'run'}", *flags)
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert re.search(message, error_lines[0]), error_lines[0]

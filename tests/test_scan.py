@@ -92,6 +92,20 @@ def test_scan_implementations_agree_with_each_other():
                 np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=mode)
 
 
+def test_chunk_longer_than_sequence_runs_one_unpadded_chunk():
+    x, dt, A, B, C, h0 = (jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32))
+    huge = 10**9
+    y, h_last = selective_scan(x, dt, A, B, C, h0=h0, mode="chunked", chunk_size=huge)
+    expected_y, expected_h = reference_scan(x, dt, A, B, C, h0)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_last, expected_h, rtol=1e-5, atol=1e-5)
+    # No array of the computation is padded towards the chunk size.
+    jaxpr = jax.make_jaxpr(functools.partial(selective_scan, mode="chunked", chunk_size=huge))(
+        x, dt, A, B, C, h0=h0)
+    shapes = [var.aval.shape for equation in jaxpr.jaxpr.eqns for var in equation.outvars]
+    assert max(max(shape, default=0) for shape in shapes) <= 37
+
+
 def test_scan_hand_computed_case():
     # Given decay 0.5 (dt = 1, A = -ln 2) and inputs dt * B * x = [1, 2, 3, 4] with C = 1.
     x = jnp.asarray([1.0, 2.0, 3.0, 4.0]).reshape(1, 4, 1)

@@ -548,6 +548,7 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
         (["--config=configs/mamba_lm.py:tiny", "--config.data.seq_len=0"],
          r"data.seq_len=0; allowed: an integer > 0"),
         (["--config=configs/mamba_lm.py:tiny", "extra"], "unexpected arguments: extra"),
+        (["--config=README.md"], r"config file 'README.md' is not a Python file"),
         (["--config=configs/mamba_lm.py:tiny", "--config.model.selective=maybe"],
          r"flag --config.model.selective=maybe: expected true or false, got 'maybe'$"),
         (["--config=configs/mamba_lm.py:tiny", "--config.train.num_steps=1.5"],
@@ -634,3 +635,53 @@ def test_resume_after_cut_metrics_line_keeps_file_readable(corpus_file, tmp_path
     lines = metrics_file.read_text().splitlines()
     assert all(json.loads(line)["step"] >= 1 for line in lines)
     assert [record["step"] for record in read_metrics(workdir, "train")][-1] == 6
+
+
+def test_command_line_dt_rank_override_builds_that_rank(corpus_file):
+    # `--config.model.dt_rank=3` arrives as the string "3", since the field's default is "auto".
+    config = tiny_config(corpus_file, model__dt_rank="3")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    d_state = config.model.d_state
+    assert model.blocks[0].mixer.x_proj.kernel.shape[1] == 3 + 2 * d_state
+    assert model.blocks[0].mixer.dt_proj.kernel.shape[0] == 3
+
+
+@pytest.mark.parametrize("pattern, problem", [("nomatch", "matches no parameter"),
+                                              (".*", "matches every parameter")])
+def test_frozen_pattern_that_freezes_nothing_or_everything_is_rejected(corpus_file, tmp_path,
+                                                                        pattern, problem):
+    config = tiny_config(corpus_file)
+    with config.unlocked():  # The field exists in the configs of the freezing experiments only.
+        config.optimizer.frozen_parameters = pattern
+    with pytest.raises(ValueError, match=rf"frozen_parameters='{re.escape(pattern)}': .*"
+                                         rf"{problem}.*embedding"):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / checkpoint.CHECKPOINT_DIR).exists()
+
+
+def test_ctrl_c_while_starting_exits_with_one_message(tmp_path):
+    # The run takes its workdir lock, then loads the standard library corpus for a few seconds
+    # before the training loop (which turns Ctrl-C into a checkpoint) starts.
+    workdir = tmp_path / "run"
+    process = run_python(["train.py", "--config=configs/mamba_lm.py:tiny",
+                          f"--workdir={workdir}"])
+    deadline = time.monotonic() + 120
+    while not (workdir / "run.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 130, output
+    assert "Traceback" not in output, output
+    assert "interrupted while starting, before the first training step" in output
+    assert not any((workdir / checkpoint.CHECKPOINT_DIR).glob("[0-9]*"))
+
+
+@pytest.mark.parametrize("content", ["{'step': 1", "[1, 2]", "\udcff"])
+def test_corrupt_saved_config_names_the_file(tmp_path, content):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / checkpoint.CONFIG_FILE).write_bytes(content.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(workdir / checkpoint.CONFIG_FILE))} "
+                                         r"(is not a readable JSON|holds a JSON list)"):
+        load_run(workdir)

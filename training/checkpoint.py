@@ -135,7 +135,15 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"no {CONFIG_FILE} in workdir {str(workdir)!r}; is it a training workdir?")
-    config = ml_collections.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a readable JSON config ({error}); restore it, or "
+                         "start the run in a new workdir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config object; "
+                         "restore it, or start the run in a new workdir")
+    config = ml_collections.ConfigDict(saved)
     if "optimizer" in config:
         for name, value in config_lib.default_training_config().optimizer.items():
             if name not in config.optimizer:

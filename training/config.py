@@ -242,6 +242,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} not found; pass --config=configs/NAME.py[:VARIANT]")
+    if not path.endswith(".py"):
+        raise ValueError(f"config file {path!r} is not a Python file; pass "
+                         "--config=configs/NAME.py[:VARIANT]")
     module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -49,5 +49,19 @@ def freeze_parameters(tx: optax.GradientTransformation, pattern: str
         raise ValueError(f"invalid config field optimizer.frozen_parameters={pattern!r}: {error}; "
                          "allowed: a Python regular expression over paths like "
                          "'blocks/0/attention/query_proj/kernel'") from None
-    return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()},
-                                 lambda params: frozen_labels(params, pattern))
+
+    def checked_labels(params):
+        labels = frozen_labels(params, pattern)
+        frozen = [label == FROZEN for label in jax.tree.leaves(labels)]
+        if not any(frozen) or all(frozen):
+            # The paths with each block index written as N, so the list stays short.
+            paths = sorted({re.sub(r"^blocks/\d+/", "blocks/N/", parameter_path(path))
+                            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]})
+            matches = "no parameter" if not any(frozen) else "every parameter, so nothing trains"
+            raise ValueError(
+                f"invalid config field optimizer.frozen_parameters={pattern!r}: it matches "
+                f"{matches}; allowed: a regular expression matching some of the paths "
+                f"{', '.join(paths)}")
+        return labels
+
+    return optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()}, checked_labels)

@@ -146,11 +146,12 @@ def _check_finite(step: int, metrics: dict[str, float], manager) -> None:
     for name in ("loss", "grad_norm", "param_norm"):
         if not math.isfinite(metrics[name]):
             last = manager.latest_step()
-            last_good = "no checkpoint" if last is None else f"the checkpoint of step {last}"
+            kept = ("no checkpoint has been saved yet" if last is None
+                    else f"the checkpoint of step {last} is left as it was")
             raise TrainingDivergedError(
                 f"{name} is {metrics[name]} at step {step}; stopping before saving anything, "
-                f"{last_good} is left as it was. Lower optimizer.learning_rate or "
-                "optimizer.grad_clip_norm, or raise optimizer.warmup_steps.")
+                f"and {kept}. Lower optimizer.learning_rate or optimizer.grad_clip_norm, or "
+                "raise optimizer.warmup_steps.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
