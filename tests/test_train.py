@@ -650,9 +650,7 @@ def test_command_line_dt_rank_override_builds_that_rank(corpus_file):
                                               (".*", "matches every parameter")])
 def test_frozen_pattern_that_freezes_nothing_or_everything_is_rejected(corpus_file, tmp_path,
                                                                         pattern, problem):
-    config = tiny_config(corpus_file)
-    with config.unlocked():  # The field exists in the configs of the freezing experiments only.
-        config.optimizer.frozen_parameters = pattern
+    config = tiny_config(corpus_file, optimizer__frozen_parameters=pattern)
     with pytest.raises(ValueError, match=rf"frozen_parameters='{re.escape(pattern)}': .*"
                                          rf"{problem}.*embedding"):
         train_and_evaluate(config, tmp_path / "run")

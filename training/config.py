@@ -67,6 +67,9 @@ def default_training_config() -> ml_collections.ConfigDict:
     config.optimizer.grad_clip_norm = 1.0
     # Micro-batches per optimizer step (gradient accumulation); must divide data.batch_size.
     config.optimizer.accumulation_steps = 1
+    # Regular expression over parameter paths ("blocks/0/mixer/in_proj/kernel"); the parameters
+    # it matches keep their initial values. "" trains every parameter.
+    config.optimizer.frozen_parameters = ""
 
     config.train = ml_collections.ConfigDict()
     # Optimizer steps in the whole run (the cosine decay ends here).
