@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 
+from training import outputs
+
 matplotlib.use("Agg")  # Files only; no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -146,11 +148,48 @@ def save_figure(figure, out_dir: str | os.PathLike, name: str) -> Path:
 
 def parse_ints(values: Sequence[str], flag: str) -> list[int]:
     """Parse a list flag of positive integers; raise ValueError naming the flag otherwise."""
+    if not values:
+        raise ValueError(f"--{flag} is empty; pass a comma-separated list of integers >= 1")
     try:
         numbers = [int(v) for v in values]
     except ValueError:
         raise ValueError(f"--{flag} must be a comma-separated list of integers, got "
                          f"{','.join(values)}") from None
-    if not numbers or min(numbers) < 1:
+    if min(numbers) < 1:
         raise ValueError(f"--{flag} must list integers >= 1, got {','.join(values)}")
     return numbers
+
+
+def check_at_least_one(flag_values, names: Sequence[str]) -> None:
+    """Raise ValueError naming the first of the integer flags `names` whose value is below 1."""
+    for name in names:
+        value = getattr(flag_values, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+
+
+def check_num_heads(d_model: int, num_heads: int) -> None:
+    """Raise ValueError unless `num_heads` splits `d_model` into heads of an even size.
+
+    The Transformer's rotary position embedding rotates channel pairs, so the head size must be
+    even.
+    """
+    head_dim, remainder = divmod(d_model, num_heads)
+    if remainder == 0 and head_dim % 2 == 0:
+        return
+    allowed = [heads for heads in range(1, d_model + 1)
+               if d_model % heads == 0 and (d_model // heads) % 2 == 0]
+    if not allowed:
+        raise ValueError(f"--d_model={d_model} is odd, so no --num_heads gives heads of an even "
+                         "size (rotary embeddings rotate channel pairs); pass an even --d_model")
+    raise ValueError(f"--num_heads={num_heads} must divide --d_model={d_model} into heads of an "
+                     "even size (rotary embeddings rotate channel pairs); allowed: "
+                     f"{', '.join(str(heads) for heads in allowed)}")
+
+
+def prepare_output_dir(path: str, flag: str = "out") -> Path:
+    """Create the output folder `path` and check that it is writable, before measuring.
+
+    Raises ValueError naming `--flag` (see `training.outputs`).
+    """
+    return outputs.prepare_output_dir(path, flag)

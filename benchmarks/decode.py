@@ -12,6 +12,7 @@ the layer count that best matches Mamba's parameter count. Its key/value cache h
 """
 
 import functools
+import sys
 import time
 
 import jax
@@ -25,17 +26,45 @@ from generation import SamplingConfig, decode_loop
 from ssm import SCAN_MODES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("contexts", ["256", "1024", "4096", "16384"], "Context lengths L in tokens.")
-flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes.")
-flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed call.")
-flags.DEFINE_integer("prefill_chunk", 1024, "Prompt tokens per prefill call (bounds memory).")
-flags.DEFINE_integer("d_model", 256, "Model width of both models.")
-flags.DEFINE_integer("num_layers", 4, "Mamba layers; the Transformer's count is matched.")
-flags.DEFINE_integer("num_heads", 4, "Transformer attention heads.")
-flags.DEFINE_enum("scan", "sequential", SCAN_MODES,
-                  "Mamba's selective scan in the (untimed) prefill; decoding steps do not scan.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per measurement; the median is reported.")
-flags.DEFINE_string("out", "benchmarks/results/decode", "Folder for decode.json/.csv/.png.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define the command-line flags (only when run as a script, so that importing defines none)."""
+    flags.DEFINE_list("contexts", ["256", "1024", "4096", "16384"], "Context lengths L in tokens.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes.", flag_values=flag_values)
+    flags.DEFINE_integer("new_tokens", 128, "Tokens decoded per timed call.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("prefill_chunk", 1024, "Prompt tokens per prefill call (bounds memory).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("d_model", 256, "Model width of both models.", flag_values=flag_values)
+    flags.DEFINE_integer("num_layers", 4, "Mamba layers; the Transformer's count is matched.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_heads", 4, "Transformer attention heads; must divide --d_model "
+                         "into heads of an even size.", flag_values=flag_values)
+    flags.DEFINE_enum("scan", "sequential", SCAN_MODES,
+                      "Mamba's selective scan in the (untimed) prefill; decoding steps do not "
+                      "scan.", flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 3, "Timed calls per measurement; the median is reported.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("out", "benchmarks/results/decode",
+                        "Folder for decode.json/.csv/.png; created if missing.",
+                        flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> tuple[list[int], list[int]]:
+    """Return the contexts and batch sizes, and create the --out folder; raise ValueError on an
+    invalid flag.
+    """
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    contexts = common.parse_ints(flag_values.contexts, "contexts")
+    batch_sizes = common.parse_ints(flag_values.batch_sizes, "batch_sizes")
+    common.check_at_least_one(flag_values, ["new_tokens", "prefill_chunk", "d_model",
+                                            "num_layers", "num_heads", "repeats"])
+    common.check_num_heads(flag_values.d_model, flag_values.num_heads)
+    common.prepare_output_dir(flag_values.out)
+    return contexts, batch_sizes
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "max_len"))
@@ -141,17 +170,15 @@ def plot(rows, out_dir):
 
 
 def main(argv):
-    del argv
-    contexts = common.parse_ints(FLAGS.contexts, "contexts")
-    batch_sizes = common.parse_ints(FLAGS.batch_sizes, "batch_sizes")
-    for flag in ("new_tokens", "prefill_chunk", "repeats"):
-        if getattr(FLAGS, flag) < 1:
-            raise app.UsageError(f"--{flag} must be >= 1, got {getattr(FLAGS, flag)}")
-    mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
-                                       scan=FLAGS.scan)
-    configs = {"mamba": mamba,
-               "transformer": model_configs.matched_transformer_config(
-                   mamba, num_heads=FLAGS.num_heads)}
+    try:
+        contexts, batch_sizes = check_flags(FLAGS, argv)
+        mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
+                                           scan=FLAGS.scan)
+        configs = {"mamba": mamba,
+                   "transformer": model_configs.matched_transformer_config(
+                       mamba, num_heads=FLAGS.num_heads)}
+    except ValueError as error:
+        sys.exit(f"benchmarks.decode: error: {error}")
     info = common.machine()
 
     rows = run(configs, contexts, batch_sizes, new_tokens=FLAGS.new_tokens,
@@ -175,4 +202,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -12,6 +12,7 @@ on CPU, the device's peak bytes in use on an accelerator.
 """
 
 import functools
+import sys
 import time
 
 import jax
@@ -25,14 +26,31 @@ from benchmarks import common, model_configs
 from ssm import SCAN_MODES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("total_tokens", 2**20, "Tokens in the sequence.")
-flags.DEFINE_integer("chunk", 8192, "Tokens per prefill call.")
-flags.DEFINE_integer("d_model", 256, "Mamba model width.")
-flags.DEFINE_integer("num_layers", 4, "Mamba layers.")
-flags.DEFINE_enum("scan", "sequential", SCAN_MODES,
-                  "Selective scan implementation (sequential is the fastest on CPU in scan.py).")
-flags.DEFINE_string("out", "benchmarks/results/long_context",
-                    "Folder for long_context.json/.csv/.png.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define the command-line flags (only when run as a script, so that importing defines none)."""
+    flags.DEFINE_integer("total_tokens", 2**20, "Tokens in the sequence.", flag_values=flag_values)
+    flags.DEFINE_integer("chunk", 8192, "Tokens per prefill call; must divide --total_tokens.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("d_model", 256, "Mamba model width.", flag_values=flag_values)
+    flags.DEFINE_integer("num_layers", 4, "Mamba layers.", flag_values=flag_values)
+    flags.DEFINE_enum("scan", "sequential", SCAN_MODES, "Selective scan implementation "
+                      "(sequential is the fastest on CPU in scan.py).", flag_values=flag_values)
+    flags.DEFINE_string("out", "benchmarks/results/long_context",
+                        "Folder for long_context.json/.csv/.png; created if missing.",
+                        flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+    """Create the --out folder; raise ValueError on an invalid flag."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.check_at_least_one(flag_values, ["total_tokens", "chunk", "d_model", "num_layers"])
+    if flag_values.total_tokens % flag_values.chunk:
+        raise ValueError(f"--chunk={flag_values.chunk} must divide --total_tokens="
+                         f"{flag_values.total_tokens}")
+    common.prepare_output_dir(flag_values.out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -59,10 +77,10 @@ def plot(rows, chunk: int, out_dir):
 
 
 def main(argv):
-    del argv
-    if FLAGS.chunk < 1 or FLAGS.total_tokens % FLAGS.chunk:
-        raise app.UsageError(f"--chunk must be >= 1 and divide --total_tokens="
-                             f"{FLAGS.total_tokens}, got {FLAGS.chunk}")
+    try:
+        check_flags(FLAGS, argv)
+    except ValueError as error:
+        sys.exit(f"benchmarks.long_context: error: {error}")
     config = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
                                         scan=FLAGS.scan)
     info = common.machine()
@@ -115,4 +133,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

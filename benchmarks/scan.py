@@ -10,6 +10,7 @@ implies is given as a fraction of a copy bandwidth measured in the same run. The
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +20,43 @@ from benchmarks import common
 from ssm import SCAN_MODES, selective_scan
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("lengths", ["256", "1024", "4096", "16384"], "Sequence lengths t.")
-flags.DEFINE_list("modes", list(SCAN_MODES), f"Scan modes, from {SCAN_MODES}.")
-flags.DEFINE_integer("batch", 1, "Batch size b.")
-flags.DEFINE_integer("d_inner", 256, "Expanded channels e (expand * d_model).")
-flags.DEFINE_integer("d_state", 16, "State size n.")
-flags.DEFINE_integer("chunk_size", 256, "Time steps per chunk of the chunked scan.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per measurement; the median is reported.")
-flags.DEFINE_string("out", "benchmarks/results/scan", "Folder for scan.json, scan.csv, scan.png.")
-
 FLOAT32_BYTES = 4
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define the command-line flags (only when run as a script, so that importing defines none)."""
+    flags.DEFINE_list("lengths", ["256", "1024", "4096", "16384"], "Sequence lengths t.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("modes", list(SCAN_MODES), f"Scan modes, from {SCAN_MODES}.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("batch", 1, "Batch size b.", flag_values=flag_values)
+    flags.DEFINE_integer("d_inner", 256, "Expanded channels e (expand * d_model).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("d_state", 16, "State size n.", flag_values=flag_values)
+    flags.DEFINE_integer("chunk_size", 256, "Time steps per chunk of the chunked scan.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 3, "Timed calls per measurement; the median is reported.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("out", "benchmarks/results/scan",
+                        "Folder for scan.json, scan.csv, scan.png; created if missing.",
+                        flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[int]:
+    """Return the lengths, and create the --out folder; raise ValueError on an invalid flag."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    lengths = common.parse_ints(flag_values.lengths, "lengths")
+    if not flag_values.modes:
+        raise ValueError(f"--modes is empty; allowed: {', '.join(SCAN_MODES)}")
+    unknown = [mode for mode in flag_values.modes if mode not in SCAN_MODES]
+    if unknown:
+        raise ValueError(f"--modes has unknown modes {', '.join(unknown)}; allowed: "
+                         f"{', '.join(SCAN_MODES)}")
+    common.check_at_least_one(flag_values, ["batch", "d_inner", "d_state", "chunk_size",
+                                            "repeats"])
+    common.prepare_output_dir(flag_values.out)
+    return lengths
 
 
 def scan_inputs(batch: int, length: int, d_inner: int, d_state: int):
@@ -124,11 +152,10 @@ def plot(rows, out_dir):
 
 
 def main(argv):
-    del argv
-    lengths = common.parse_ints(FLAGS.lengths, "lengths")
-    unknown = [m for m in FLAGS.modes if m not in SCAN_MODES]
-    if unknown:
-        raise app.UsageError(f"--modes has unknown modes {unknown}; allowed: {SCAN_MODES}")
+    try:
+        lengths = check_flags(FLAGS, argv)
+    except ValueError as error:
+        sys.exit(f"benchmarks.scan: error: {error}")
     info = common.machine()
 
     rows, bandwidth = run(lengths, FLAGS.modes, batch=FLAGS.batch, d_inner=FLAGS.d_inner,
@@ -148,4 +175,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,6 +15,8 @@ scores, with no causal halving. MFU divides them by the step time and by a float
 same run.
 """
 
+import sys
+
 import jax
 import numpy as np
 import optax
@@ -26,15 +28,43 @@ from ssm import SCAN_MODES
 from training import create_train_state, train_step
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("lengths", ["256", "1024", "4096"], "Sequence lengths t.")
-flags.DEFINE_integer("tokens_per_batch", 4096, "Tokens per batch; batch = tokens / length.")
-flags.DEFINE_integer("d_model", 256, "Model width of both models.")
-flags.DEFINE_integer("num_layers", 4, "Mamba layers; the Transformer's count is matched.")
-flags.DEFINE_integer("num_heads", 4, "Transformer attention heads.")
-flags.DEFINE_enum("scan", "sequential", SCAN_MODES,
-                  "Mamba's selective scan (sequential: the fastest forward+backward on CPU).")
-flags.DEFINE_integer("repeats", 3, "Timed steps per measurement; the median is reported.")
-flags.DEFINE_string("out", "benchmarks/results/train_step", "Folder for train_step.json/.csv/.png.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Define the command-line flags (only when run as a script, so that importing defines none)."""
+    flags.DEFINE_list("lengths", ["256", "1024", "4096"], "Sequence lengths t.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("tokens_per_batch", 4096, "Tokens per batch, a multiple of every "
+                         "length; batch = tokens / length.", flag_values=flag_values)
+    flags.DEFINE_integer("d_model", 256, "Model width of both models.", flag_values=flag_values)
+    flags.DEFINE_integer("num_layers", 4, "Mamba layers; the Transformer's count is matched.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("num_heads", 4, "Transformer attention heads; must divide --d_model "
+                         "into heads of an even size.", flag_values=flag_values)
+    flags.DEFINE_enum("scan", "sequential", SCAN_MODES,
+                      "Mamba's selective scan (sequential: the fastest forward+backward on CPU).",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 3, "Timed steps per measurement; the median is reported.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("out", "benchmarks/results/train_step",
+                        "Folder for train_step.json/.csv/.png; created if missing.",
+                        flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[int]:
+    """Return the lengths, and create the --out folder; raise ValueError on an invalid flag."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    lengths = common.parse_ints(flag_values.lengths, "lengths")
+    common.check_at_least_one(flag_values, ["tokens_per_batch", "d_model", "num_layers",
+                                            "num_heads", "repeats"])
+    uneven = [length for length in lengths if flag_values.tokens_per_batch % length]
+    if uneven:
+        raise ValueError(f"--tokens_per_batch={flag_values.tokens_per_batch} must be a multiple "
+                         f"of every length; it is not of {', '.join(map(str, uneven))}")
+    common.check_num_heads(flag_values.d_model, flag_values.num_heads)
+    common.prepare_output_dir(flag_values.out)
+    return lengths
 
 
 def model_flops_per_token(config, length: int) -> float:
@@ -108,15 +138,14 @@ def plot(rows, out_dir):
 
 
 def main(argv):
-    del argv
-    lengths = common.parse_ints(FLAGS.lengths, "lengths")
-    uneven = [t for t in lengths if FLAGS.tokens_per_batch % t]
-    if uneven:
-        raise app.UsageError(f"--tokens_per_batch={FLAGS.tokens_per_batch} must be a multiple "
-                             f"of every length; it is not of {uneven}")
-    mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
-                                       scan=FLAGS.scan)
-    configs = [mamba, model_configs.matched_transformer_config(mamba, num_heads=FLAGS.num_heads)]
+    try:
+        lengths = check_flags(FLAGS, argv)
+        mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
+                                           scan=FLAGS.scan)
+        configs = [mamba, model_configs.matched_transformer_config(mamba,
+                                                                    num_heads=FLAGS.num_heads)]
+    except ValueError as error:
+        sys.exit(f"benchmarks.train_step: error: {error}")
     info = common.machine()
     peak = common.matmul_peak()
 
@@ -142,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -45,6 +45,8 @@ from experiments.probes import (
     previous_token_score,
     split_loss,
 )
+from training import outputs
+from training.metrics import read_metrics
 
 ATTENTION_MAP_DIR = "attention_maps"
 # The probe batch: sequences of the bigram task from a stream that no training or validation
@@ -168,17 +170,16 @@ def probe_metrics(model: nnx.Module, source, step: int, workdir: str | os.PathLi
 
 
 def read_probe_records(workdir: str | os.PathLike) -> list[dict[str, float]]:
-    """Return the "val" records of a run that hold probes, in step order (last record per step)."""
-    by_step = {}
-    with open(Path(workdir) / "metrics.jsonl", encoding="utf-8") as lines:
-        for line in lines:
-            record = json.loads(line)
-            if record["split"] == "val" and "probe/loss_in_context" in record:
-                by_step[record["step"]] = record
-    if not by_step:
+    """Return the "val" records of a run that contain probes, in step order (last record per step).
+
+    Raises ValueError for a missing or unreadable metrics.jsonl and for a run without probes.
+    """
+    records = [record for record in read_metrics(workdir, "val")
+               if "probe/loss_in_context" in record]
+    if not records:
         raise ValueError(f"no probe records in {str(workdir)!r}/metrics.jsonl; train with "
                          "train.probes='attention'")
-    return [by_step[step] for step in sorted(by_step)]
+    return records
 
 
 def probe_series(records: list[dict[str, float]], kind: str) -> dict[str, np.ndarray]:
@@ -330,9 +331,14 @@ def plot_comparison(workdirs: list[str], output_path: Path) -> None:
     plt.close(figure)
 
 
-def _chosen_map_files(workdir, map_steps: list[int]) -> list[tuple[int, Path]]:
+def saved_map_files(workdir: str | os.PathLike) -> dict[int, Path]:
+    """Return {step: path} of the attention maps saved in a run, in step order."""
     files = sorted((Path(workdir) / ATTENTION_MAP_DIR).glob("step_*.npz"))
-    available = {int(path.stem.split("_")[1]): path for path in files}
+    return {int(path.stem.split("_")[1]): path for path in files}
+
+
+def _chosen_map_files(workdir, map_steps: list[int]) -> list[tuple[int, Path]]:
+    available = saved_map_files(workdir)
     if not available:
         return []
     if not map_steps:
@@ -350,21 +356,82 @@ def _chosen_map_files(workdir, map_steps: list[int]) -> list[tuple[int, Path]]:
 
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
-    flags.DEFINE_list("workdirs", None, "Training workdirs with probe records.")
+    flags.DEFINE_list("workdirs", None, "Training workdirs with probe records.",
+                      flag_values=flag_values)
     flags.DEFINE_string("output_dir", "runs/results/birth",
-                        "Folder for the plots and summary.json.")
-    flags.DEFINE_list("map_steps", [], "Training steps whose attention maps to plot (the nearest "
-                      "saved ones); default: four spread over the run.")
+                        "Folder for the plots and summary.json; created if missing.",
+                        flag_values=flag_values)
+    flags.DEFINE_list("map_steps", [], "Training steps whose attention maps to plot, each a step "
+                      "with saved maps in every run; default: four spread over each run.",
+                      flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[int]:
+    """Return the map steps, after checking every flag and run and creating --output_dir.
+
+    Raises app.UsageError naming the flag, before any plot or summary is written.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        map_steps = [int(step) for step in flag_values.map_steps]
+    except ValueError:
+        raise app.UsageError(f"--map_steps must be a comma-separated list of integers, got "
+                             f"{','.join(flag_values.map_steps)}") from None
+    workdirs = flag_values.workdirs
+    if not workdirs:
+        raise app.UsageError("--workdirs is empty; pass training workdirs with probe records, "
+                             "separated by commas")
+    for workdir in workdirs:
+        check_run(workdir, map_steps, needs_maps=len(workdirs) > 1)
+    names = {}
+    for workdir in workdirs:
+        name = Path(workdir).name
+        if name in names:
+            raise app.UsageError(f"--workdirs {names[name]!r} and {workdir!r} have the same "
+                                 f"folder name {name!r}, so their plots {name}.png would "
+                                 "overwrite each other; copy or link one of them to another name")
+        names[name] = workdir
+    try:
+        outputs.prepare_output_dir(flag_values.output_dir, "output_dir")
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    return map_steps
+
+
+def check_run(workdir: str, map_steps: list[int], *, needs_maps: bool) -> None:
+    """Raise app.UsageError unless `workdir` has the probes that the plots and summary read.
+
+    `needs_maps`: the run needs saved attention maps (the side-by-side plot of several runs).
+    """
+    if not Path(workdir).is_dir():
+        raise app.UsageError(f"--workdirs: {workdir!r} not found or not a folder")
+    try:
+        records = read_probe_records(workdir)
+    except ValueError as error:
+        raise app.UsageError(f"--workdirs: {error}") from None
+    if "probe/loss_global_bigram" not in records[0] or not probe_series(records, "induction"):
+        raise app.UsageError(f"--workdirs: the probe records of {workdir!r} have no "
+                             "probe/loss_global_bigram or no probe/layer*_head*_induction; train "
+                             "with train.probes='attention'")
+    saved = saved_map_files(workdir)
+    if not saved and (needs_maps or map_steps):
+        needed_by = "--map_steps" if map_steps else "the side-by-side plot of several runs"
+        raise app.UsageError(f"--workdirs: {workdir!r} has no attention maps under "
+                             f"{Path(workdir) / ATTENTION_MAP_DIR}, which {needed_by} needs; "
+                             "train with train.probes='attention'")
+    missing = [step for step in map_steps if step not in saved]
+    if missing:
+        raise app.UsageError(f"--map_steps: {workdir!r} has no attention maps of step(s) "
+                             f"{', '.join(map(str, missing))}; its saved steps: "
+                             f"{', '.join(map(str, saved))}")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    map_steps = check_flags(flags.FLAGS, argv)
     output_dir = Path(flags.FLAGS.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    map_steps = [int(step) for step in flags.FLAGS.map_steps]
     summaries = []
     for workdir in flags.FLAGS.workdirs:
         name = Path(workdir).name

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from absl import app, flags
 
+from training import outputs
+from training.checkpoint import CONFIG_FILE, load_config
 from training.metrics import read_metrics
+from training.tasks import task_name
+
+# Fields of every metrics record that are not metrics.
+RECORD_FIELDS = ("step", "split")
 
 
 def metric_by_step(workdir: str, metric: str) -> dict[int, float]:
@@ -44,18 +50,76 @@ def plot_curves(workdirs: list[str], metric: str, output_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
-    flags.DEFINE_list("workdirs", None, "Training workdirs to compare.")
-    flags.DEFINE_string("metric", "accuracy", "Name of the validation metric in metrics.jsonl.")
+    flags.DEFINE_list("workdirs", None, "Training workdirs of synthetic-task runs to compare.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("metric", "accuracy", "Name of the validation metric in metrics.jsonl.",
+                        flag_values=flag_values)
     flags.DEFINE_string("output", "runs/results/curves.png",
-                        "Path of the plot; the table goes to the same path with the suffix .md.")
+                        "Path of the plot, with an image extension such as .png, .pdf or .svg; "
+                        "its folder is created if missing. The table goes to the same path with "
+                        "the suffix .md.", flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> Path:
+    """Return the --output path, after checking every flag and run and creating its folder.
+
+    Raises app.UsageError naming the flag.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flag_values.workdirs:
+        raise app.UsageError("--workdirs is empty; pass training workdirs of synthetic-task runs, "
+                             "separated by commas")
+    metrics_by_run = {workdir: validation_metric_names(workdir)
+                      for workdir in flag_values.workdirs}
+    metric = flag_values.metric
+    allowed = sorted(set.intersection(*metrics_by_run.values()))
+    if metric not in allowed:
+        missing = [workdir for workdir, names in metrics_by_run.items() if metric not in names]
+        raise app.UsageError(f"--metric={metric!r} is not a validation metric of "
+                             f"{', '.join(repr(workdir) for workdir in missing)}; allowed (the "
+                             f"metrics of every run): {', '.join(allowed) or 'none'}")
+    return prepare_output(flag_values.output)
+
+
+def validation_metric_names(workdir: str) -> set[str]:
+    """Return the metric names in the last validation record of a synthetic-task run.
+
+    Raises app.UsageError for a missing folder, a text run, or a run without validation records.
+    """
+    if not Path(workdir).is_dir():
+        raise app.UsageError(f"--workdirs: {workdir!r} not found or not a folder")
+    if (Path(workdir) / CONFIG_FILE).is_file():
+        try:
+            is_text_run = task_name(load_config(workdir)) == ""
+        except ValueError as error:
+            raise app.UsageError(f"--workdirs: {error}") from None
+        if is_text_run:
+            raise app.UsageError(f"--workdirs: {workdir!r} is a text run (its config has "
+                                 "data.task ''); experiments.curves plots synthetic-task runs, so "
+                                 "plot it with python -m training.plot")
+    try:
+        records = read_metrics(workdir, "val")
+    except ValueError as error:
+        raise app.UsageError(f"--workdirs: {error}") from None
+    if not records:
+        raise app.UsageError(f"--workdirs: {workdir!r} has no validation records in its "
+                             "metrics.jsonl yet")
+    return set(records[-1]) - set(RECORD_FIELDS)
+
+
+def prepare_output(output: str) -> Path:
+    """Check the --output path of the image and create its folder; return the path."""
+    try:
+        return outputs.prepare_image_path(output, "output", companions=(".md",))
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    output = Path(flags.FLAGS.output)
+    output = check_flags(flags.FLAGS, argv)
     table = plot_curves(flags.FLAGS.workdirs, flags.FLAGS.metric, output)
     output.with_suffix(".md").write_text(table)
     print(table)

@@ -26,9 +26,11 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from training import load_run
+from data.synthetic import SYNTHETIC_TASKS
+from training import load_run, outputs
+from training.checkpoint import CHECKPOINT_DIR, load_config
 from training.metrics import QuietLibraries
-from training.tasks import TaskData
+from training.tasks import TaskData, task_name
 
 # `process_index` of the batches generated here: neither training (processes 0, 1, ...) nor
 # validation (training.tasks.VALIDATION_STREAM) uses it.
@@ -219,30 +221,120 @@ def write_outputs(rows: list[dict], lengths: list[int], output_dir: Path) -> Non
 
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Define the command-line flags (only when run as a script, so that importing defines none)."""
-    flags.DEFINE_list("workdirs", None, "Training workdirs of synthetic-task runs.")
+    flags.DEFINE_list("workdirs", None, "Training workdirs of synthetic-task runs.",
+                      flag_values=flag_values)
     flags.DEFINE_string("output_dir", "runs/results/extrapolation",
-                        "Folder for the table, CSV, JSON and plot.")
+                        "Folder for the table, CSV, JSON and plot; created if missing.",
+                        flag_values=flag_values)
     flags.DEFINE_list("lengths", [str(2**n) for n in range(6, 21)],
-                      "Test sequence lengths in tokens (default 2^6 .. 2^20).")
+                      "Test sequence lengths in tokens (default 2^6 .. 2^20), each at least the "
+                      "task's minimum length.", flag_values=flag_values)
     flags.DEFINE_integer("max_tokens", 1 << 19, "Tokens evaluated per length; the number of "
-                         "sequences is max_tokens // length, clipped to the two limits below.")
-    flags.DEFINE_integer("min_sequences", 4, "Fewest sequences per length.")
-    flags.DEFINE_integer("max_sequences", 64, "Most sequences per length.")
-    flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+                         "sequences is max_tokens // length, clipped to the two limits below.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("min_sequences", 4, "Fewest sequences per length.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("max_sequences", 64, "Most sequences per length.",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", flag_values=flag_values)
     flags.DEFINE_integer("chunk_len", 4096, "Tokens per prefill chunk of a recurrent model on "
-                         "longer sequences.")
+                         "longer sequences.", flag_values=flag_values)
     flags.DEFINE_float("max_attention_gib", 2.0, "Largest estimated size, in GiB, of one layer's "
-                       "attention weights that is run; longer lengths are reported out of memory.")
-    flags.DEFINE_integer("seed", 0, "Seed of the evaluation batches.")
+                       "attention weights that is run; longer lengths are reported out of memory.",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Seed of the evaluation batches, >= 0.",
+                         flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues, argv: list[str]) -> list[int]:
+    """Return the lengths, after checking every flag and run and creating --output_dir.
+
+    Raises app.UsageError naming the flag, before any model is loaded or evaluated.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    lengths = parse_lengths(flag_values.lengths)
+    for name in ("max_tokens", "min_sequences", "max_sequences", "batch_size", "chunk_len"):
+        value = getattr(flag_values, name)
+        if value < 1:
+            raise app.UsageError(f"--{name} must be an integer >= 1, got {value}")
+    if flag_values.min_sequences > flag_values.max_sequences:
+        raise app.UsageError(f"--min_sequences={flag_values.min_sequences} must not exceed "
+                             f"--max_sequences={flag_values.max_sequences}")
+    if not flag_values.max_attention_gib > 0:
+        raise app.UsageError(f"--max_attention_gib must be > 0, got "
+                             f"{flag_values.max_attention_gib}")
+    if flag_values.seed < 0:
+        raise app.UsageError(f"--seed must be an integer >= 0, got {flag_values.seed}")
+    if not flag_values.workdirs:
+        raise app.UsageError("--workdirs is empty; pass training workdirs of synthetic-task runs, "
+                             "separated by commas")
+    for workdir in flag_values.workdirs:
+        check_run(workdir, lengths, flag_values.seed)
+    try:
+        outputs.prepare_output_dir(flag_values.output_dir, "output_dir")
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    return lengths
+
+
+def parse_lengths(values: list[str]) -> list[int]:
+    """Return the --lengths values as integers; raise app.UsageError unless all are >= 1."""
+    if not values:
+        raise app.UsageError("--lengths is empty; pass sequence lengths in tokens, separated by "
+                             "commas")
+    try:
+        lengths = [int(value) for value in values]
+    except ValueError:
+        raise app.UsageError(f"--lengths must be a comma-separated list of integers, got "
+                             f"{','.join(values)}") from None
+    if min(lengths) < 1:
+        raise app.UsageError(f"--lengths must list integers >= 1, got {','.join(values)}")
+    return lengths
+
+
+def check_run(workdir: str, lengths: list[int], seed: int) -> None:
+    """Raise app.UsageError unless `workdir` is a trained synthetic-task run whose task can
+    generate sequences of every length in `lengths`.
+    """
+    if not Path(workdir).is_dir():
+        raise app.UsageError(f"--workdirs: {workdir!r} not found or not a folder")
+    try:
+        config = load_config(workdir)
+    except ValueError as error:
+        raise app.UsageError(f"--workdirs: {error}") from None
+
+    allowed_tasks = ", ".join(SYNTHETIC_TASKS)
+    if task_name(config) == "":
+        raise app.UsageError(f"--workdirs: {workdir!r} is a text run (its config has data.task "
+                             f"''); experiments.extrapolate needs a run of a synthetic task: "
+                             f"{allowed_tasks}")
+    try:
+        source = TaskData(config)
+    except ValueError as error:
+        raise app.UsageError(f"--workdirs: the config of {workdir!r} is invalid: {error}") from None
+
+    checkpoints = Path(workdir) / CHECKPOINT_DIR
+    if not checkpoints.is_dir() or not any(child.name.isdigit() for child in checkpoints.iterdir()):
+        raise app.UsageError(f"--workdirs: {workdir!r} has no checkpoint under {checkpoints}; "
+                             "train the run first")
+
+    # The generators only set a lower bound on the length, and TaskData has already generated
+    # a sequence of the training length, so only a shorter length needs a check.
+    shortest = min(lengths)
+    if shortest < config.data.seq_len:
+        try:
+            source.generate(seed, 0, EXTRAPOLATION_STREAM, 1, seq_len=shortest)
+        except ValueError as error:
+            raise app.UsageError(f"--lengths={shortest} is too short for the task "
+                                 f"{task_name(config)!r} of {workdir!r}: {error}") from None
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(QuietLibraries())
-    lengths = [int(length) for length in flags.FLAGS.lengths]
+    lengths = check_flags(flags.FLAGS, argv)
     rows = []
     for workdir in flags.FLAGS.workdirs:
         model, config = load_run(workdir)

@@ -588,8 +588,11 @@ def test_plot_writes_image_and_summary(trained_workdir, tmp_path, capsys):
 def test_plot_reports_unwritable_out_and_cut_record(trained_workdir, tmp_path, capsys):
     from training import plot  # noqa: PLC0415 (matplotlib is only needed here)
 
-    assert plot.main([str(trained_workdir), "--out", str(tmp_path / "absent" / "c.png")]) == 1
-    assert "cannot write --out" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit):
+        plot.main([str(trained_workdir), "--out", str(a_file / "c.png")])
+    assert "is under the file" in capsys.readouterr().err
 
     cut_run = tmp_path / "cut"
     shutil.copytree(trained_workdir, cut_run)

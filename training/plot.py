@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from training import outputs  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 
@@ -82,15 +83,29 @@ def plot_runs(workdirs: list[str], out: str, smooth: int) -> None:
         raise ValueError(f"cannot write --out {str(out)!r}: {error.strerror}") from None
 
 
+def prepare_out(out: str) -> str | None:
+    """Check the --out image path and create its folder; return an error message or None."""
+    try:
+        outputs.prepare_image_path(out, "out")
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (with metrics.jsonl)")
-    parser.add_argument("--out", default="curves.png", help="image file to write (PNG, PDF, SVG)")
+    parser.add_argument("--out", default="curves.png",
+                        help="image file to write (PNG, PDF, SVG); its folder is created if "
+                        "missing")
     parser.add_argument("--smooth", type=int, default=20,
                         help="training steps in the moving average of the left panel")
     args = parser.parse_args(argv)
     if args.smooth < 1:
         parser.error(f"--smooth must be >= 1, got {args.smooth}")
+    out_error = prepare_out(args.out)
+    if out_error:
+        parser.error(out_error)
 
     try:
         summaries = [run_summary(workdir) for workdir in args.workdirs]
