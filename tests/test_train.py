@@ -502,8 +502,9 @@ def test_unreadable_checkpoint_names_earlier_step(corpus_file, tmp_path):
     message = (rf"failed to read the checkpoint of step {latest} in .*{latest} \(.*\); move that "
                rf"folder out of the workdir to resume from step {earlier}")
 
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         train_and_evaluate(tiny_config(corpus_file, train__num_steps=8), workdir)
+    assert "tensorstore_spec" not in str(raised.value)  # The reason, without TensorStore's spec.
     with pytest.raises(ValueError, match=message):
         load_run(workdir)
     missing = rf"no checkpoint of step 3 .*saved steps: {earlier}, {latest}"

@@ -111,6 +111,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
         while root.__cause__ is not None:  # The innermost error names the unreadable file.
             root = root.__cause__
         reason = (str(root).strip() or type(root).__name__).splitlines()[0]
+        # TensorStore appends its whole JSON spec (thousands of characters) to the reason.
+        reason = reason.split(" [tensorstore_spec", 1)[0]
         folder = Path(manager.directory) / str(step)
         raise ValueError(f"failed to read the checkpoint of step {step} in {folder} ({reason}); "
                          f"{fallback}") from error
