@@ -550,6 +550,8 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
          r"data.seq_len=0; allowed: an integer > 0"),
         (["--config=configs/mamba_lm.py:tiny", "extra"], "unexpected arguments: extra"),
         (["--config=README.md"], r"config file 'README.md' is not a Python file"),
+        (["--config=configs/mamba_lm.py:tiny", "--config.model.d_model=0"],
+         r"model.d_model must be an integer >= 1, got 0$"),
         (["--config=configs/mamba_lm.py:tiny", "--config.model.selective=maybe"],
          r"flag --config.model.selective=maybe: expected true or false, got 'maybe'$"),
         (["--config=configs/mamba_lm.py:tiny", "--config.train.num_steps=1.5"],

@@ -156,6 +156,20 @@ def _require(condition: bool, field: str, value: Any, allowed: str) -> None:
         raise ValueError(f"invalid config field {field}={value!r}; allowed: {allowed}")
 
 
+def _validate_model(model_config: ml_collections.ConfigDict) -> None:
+    """Raise the model config's own ValueError, with the field named as `model.FIELD`."""
+    from models.registry import model_dataclass  # noqa: PLC0415 (imports the architecture)
+
+    try:
+        model_dataclass(model_config)
+    except ValueError as error:
+        message = str(error)
+        first_word = message.split(" ", 1)[0]
+        if first_word in model_config:
+            message = f"model.{message}"
+        raise ValueError(message) from None
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
                     num_processes: int = 1) -> None:
     """Raise ValueError naming the field, its value and the allowed values for a bad setting.
@@ -172,6 +186,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int,
         raise ValueError(f"unknown config section(s) {', '.join(unknown)}; allowed: "
                          f"{', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
     mesh_shape(config, num_devices)  # Raises ValueError for a mesh that does not fit.
+    _validate_model(config.model)
 
     data, optimizer, train = config.data, config.optimizer, config.train
     _require(0 < data.val_fraction < 1, "data.val_fraction", data.val_fraction, "0 < x < 1")
