@@ -107,8 +107,23 @@ def test_variant_changes_what_it_names():
 
 
 def test_nonselective_transformer_variant_names_field():
-    with pytest.raises(ValueError, match="model.selective"):
+    with pytest.raises(ValueError, match="variant 'nonselective' does not apply to the "
+                                         "transformer model: .*model.selective"):
         load_config("induction_heads", "transformer,nonselective")
+
+
+@pytest.mark.parametrize("variant", ["mamba,transformer,tiny", "transformer,mamba"])
+def test_variant_naming_both_architectures_is_rejected(variant):
+    with pytest.raises(ValueError, match="names both architectures"):
+        load_config("induction_heads", variant)
+
+
+def test_corpus_path_on_synthetic_task_is_rejected():
+    _, config = load_config("induction_heads", "tiny")
+    config.data.path = "/nonexistent"
+    with pytest.raises(ValueError, match=r"data.path='/nonexistent': the synthetic task "
+                                         r"'induction_heads' generates its sequences"):
+        TaskData(config)
 
 
 def test_unknown_task_option_names_allowed_ones():

@@ -64,6 +64,10 @@ def validate_task_config(config: ml_collections.ConfigDict) -> None:
         allowed = ", ".join(repr(name) for name in SYNTHETIC_TASKS)
         raise ValueError(f"invalid config field data.task={task!r}; allowed: {allowed}, or '' for "
                          "the text corpus")
+    if config.data.get("path"):
+        raise ValueError(f"invalid config field data.path={config.data.path!r}: the synthetic "
+                         f"task {task!r} generates its sequences and reads no corpus; allowed: "
+                         "'' (or data.task='' to train on the corpus)")
     options = dict(config.data.get("task_options", {}))
     parameters = inspect.signature(SYNTHETIC_TASKS[task]).parameters
     allowed_options = [name for name in parameters if name not in LOOP_ARGUMENTS]
@@ -277,6 +281,10 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
             raise ValueError(f"unknown config variant {name!r}; allowed variants: {allowed}, "
                              "joined by commas")
     architectures = [name for name in names if name in ARCHITECTURES]
+    if len(set(architectures)) > 1:
+        raise ValueError(f"config variant {variant!r} names both architectures "
+                         f"({', '.join(architectures)}); allowed: one of "
+                         f"{', '.join(ARCHITECTURES)}, or neither for mamba")
     architecture = architectures[-1] if architectures else "mamba"
 
     config = default_training_config()
@@ -285,20 +293,21 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
     # Keyword arguments of the generator besides the sizes (data.seq_len, data.batch_size).
     config.data.task_options = ml_collections.ConfigDict(task_options)
     config.model = model_section(architecture, task_vocab_size(task, task_options))
-    # Regular expression over parameter paths (see training/freezing.py) kept at their
-    # initial values; "" trains every parameter.
-    config.optimizer.frozen_parameters = ""
     # Probes run at every evaluation: "" (none) or "attention" (experiments/birth.py).
     config.train.probes = ""
 
     for name in names:
-        for dotted, value in variants[name].items():
-            if dotted in ARCHITECTURES:
-                # A nested dict of overrides for one architecture only.
-                for nested, nested_value in (value.items() if dotted == architecture else ()):
-                    set_field(config, nested, nested_value)
-            else:
-                set_field(config, dotted, value)
+        try:
+            for dotted, value in variants[name].items():
+                if dotted in ARCHITECTURES:
+                    # A nested dict of overrides for one architecture only.
+                    for nested, nested_value in (value.items() if dotted == architecture else ()):
+                        set_field(config, nested, nested_value)
+                else:
+                    set_field(config, dotted, value)
+        except ValueError as error:
+            raise ValueError(f"config variant {name!r} does not apply to the {architecture} "
+                             f"model: {error}") from None
     config.lock()
     validate_task_config(config)
     return config
