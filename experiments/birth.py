@@ -29,6 +29,7 @@ Plot the probes of one or more runs:
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import jax
@@ -430,7 +431,10 @@ def check_run(workdir: str, map_steps: list[int], *, needs_maps: bool) -> None:
 
 
 def main(argv: list[str]) -> None:
-    map_steps = check_flags(flags.FLAGS, argv)
+    try:
+        map_steps = check_flags(flags.FLAGS, argv)
+    except app.UsageError as error:  # One line, without absl's usage text.
+        sys.exit(f"experiments.birth: error: {error}")
     output_dir = Path(flags.FLAGS.output_dir)
     summaries = []
     for workdir in flags.FLAGS.workdirs:

@@ -4,6 +4,7 @@
         --metric=accuracy --output=runs/results/selective_copying/accuracy_by_step.png
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -119,7 +120,10 @@ def prepare_output(output: str) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    output = check_flags(flags.FLAGS, argv)
+    try:
+        output = check_flags(flags.FLAGS, argv)
+    except app.UsageError as error:  # One line, without absl's usage text.
+        sys.exit(f"experiments.curves: error: {error}")
     table = plot_curves(flags.FLAGS.workdirs, flags.FLAGS.metric, output)
     output.with_suffix(".md").write_text(table)
     print(table)

@@ -16,6 +16,7 @@ writes `extrapolation.json`, `extrapolation.csv`, `extrapolation.md` and `extrap
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -334,7 +335,10 @@ def check_run(workdir: str, lengths: list[int], seed: int) -> None:
 
 def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(QuietLibraries())
-    lengths = check_flags(flags.FLAGS, argv)
+    try:
+        lengths = check_flags(flags.FLAGS, argv)
+    except app.UsageError as error:  # One line, without absl's usage text.
+        sys.exit(f"experiments.extrapolate: error: {error}")
     rows = []
     for workdir in flags.FLAGS.workdirs:
         model, config = load_run(workdir)

@@ -452,3 +452,15 @@ def test_plot_rejects_bad_out(text_run, tmp_path, capsys):
         assert message in captured.err
         assert captured.out == ""
     assert a_file.read_text(encoding="utf-8") == "kept"
+
+
+@pytest.mark.parametrize("name", ["birth", "curves", "extrapolate"])
+def test_experiment_command_prints_only_the_error(name):
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{name}", "--workdirs="],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"experiments.{name}: error: --workdirs is empty; pass ")
+    assert result.stderr.count("\n") == 1
