@@ -110,7 +110,8 @@ def main(argv: list[str]) -> int:
         logging.error("%s", error)
         return 1
     except KeyboardInterrupt:
-        # The training loop turns Ctrl-C into a checkpoint and a clean stop; this is before it.
+        # Ctrl-C reaches this point only before the training loop, which turns it into a
+        # checkpoint and a clean stop.
         logging.error("interrupted while starting, before the first training step; nothing "
                       "was written to the checkpoints")
         return 130
