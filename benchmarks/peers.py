@@ -19,6 +19,7 @@ Results are tokens per second and the ratio of ours to each.
 """
 
 import os
+import sys
 import time
 
 # Only local code is used; this keeps Hugging Face libraries from trying the network for kernels.
@@ -141,16 +142,16 @@ def main(argv):
     try:
         import torch
     except ImportError:
-        raise app.UsageError(
-            "PyTorch is not installed in this environment; install the `peers` extra into a "
-            "separate one: python3 -m venv /tmp/venv-peers && "
-            "/tmp/venv-peers/bin/pip install -e '.[peers]'") from None
+        sys.exit("benchmarks.peers: error: PyTorch is not installed in this environment; "
+                 "install the `peers` extra into a separate one: python3 -m venv /tmp/venv-peers "
+                 "&& /tmp/venv-peers/bin/pip install -e '.[peers]'")
     unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
     if unknown:
-        raise app.UsageError(f"--scans has unknown modes {unknown}; allowed: {SCAN_MODES}")
+        sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "
+                 f"allowed: {', '.join(SCAN_MODES)}")
     if FLAGS.batch < 1 or FLAGS.batch % jax.device_count():
-        raise app.UsageError(f"--batch={FLAGS.batch} must be a positive multiple of the "
-                             f"{jax.device_count()} devices the batch is split over")
+        sys.exit(f"benchmarks.peers: error: --batch={FLAGS.batch} must be a positive multiple of "
+                 f"the {jax.device_count()} devices the batch is split over")
 
     torch.manual_seed(0)
     info = common.machine()

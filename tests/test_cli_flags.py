@@ -464,3 +464,19 @@ def test_experiment_command_prints_only_the_error(name):
     assert result.stdout == ""
     assert result.stderr.startswith(f"experiments.{name}: error: --workdirs is empty; pass ")
     assert result.stderr.count("\n") == 1
+
+
+def test_peers_without_pytorch_names_the_extra():
+    try:
+        import torch  # noqa: F401, PLC0415
+        pytest.skip("PyTorch is installed here; the message is for environments without it")
+    except ImportError:
+        pass
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers"], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
+        check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("benchmarks.peers: error: PyTorch is not installed")
+    assert "pip install -e '.[peers]'" in result.stderr
+    assert result.stderr.count("\n") == 1
