@@ -641,7 +641,7 @@ def test_entropy_of_empty_tokens_raises():
         data.unigram_entropy_bits(np.zeros(0, dtype=np.uint16))
 
 
-def test_folder_of_one_binary_file_names_the_file_not_the_empty_split(tmp_path):
+def test_binary_folder_names_the_file(tmp_path):
     # One file can fill only one split; that the file is not text is the problem to report.
     (tmp_path / "blob.py").write_bytes(b"\x7fELF\x00\x01")
 

@@ -113,12 +113,12 @@ def test_nonselective_transformer_variant_names_field():
 
 
 @pytest.mark.parametrize("variant", ["mamba,transformer,tiny", "transformer,mamba"])
-def test_variant_naming_both_architectures_is_rejected(variant):
+def test_variant_with_both_architectures_rejected(variant):
     with pytest.raises(ValueError, match="names both architectures"):
         load_config("induction_heads", variant)
 
 
-def test_corpus_path_on_synthetic_task_is_rejected():
+def test_synthetic_task_rejects_corpus_path():
     _, config = load_config("induction_heads", "tiny")
     config.data.path = "/nonexistent"
     with pytest.raises(ValueError, match=r"data.path='/nonexistent': the synthetic task "
@@ -217,7 +217,7 @@ def test_extrapolation_matches_direct_accuracy(trained_induction_run):
         assert result["accuracy"] == masked_accuracy(model, batch), length
 
 
-def test_extrapolate_command_prints_results_without_library_logs(trained_induction_run,
+def test_extrapolate_output_without_library_logs(trained_induction_run,
                                                                   tmp_path):
     output_dir = tmp_path / "results"
     result = subprocess.run(
@@ -230,7 +230,8 @@ def test_extrapolate_command_prints_results_without_library_logs(trained_inducti
     assert result.returncode == 0, output
     assert "length 32:" in output
     # Restoring a checkpoint makes orbax log about 25 INFO lines; the command drops them.
-    assert "orbax" not in output and "checkpoint_manager" not in output, output
+    assert "orbax" not in output, output
+    assert "checkpoint_manager" not in output, output
     assert json.loads((output_dir / "extrapolation.json").read_text())
 
 

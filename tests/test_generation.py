@@ -489,7 +489,8 @@ def test_generate_script_rejects_bad_flag(tmp_path, flag, allowed):
     name, value = flag.split("=")
     # The message names the flag as it is typed, the value given and the allowed range.
     assert f"error: {name} must" in error_lines[0], error_lines[0]
-    assert allowed in error_lines[0] and value in error_lines[0], error_lines[0]
+    assert allowed in error_lines[0], error_lines[0]
+    assert value in error_lines[0], error_lines[0]
 
 
 def test_readme_generation_snippet(tmp_path, monkeypatch):
@@ -523,7 +524,7 @@ def test_readme_generation_snippet(tmp_path, monkeypatch):
      ["--prompt=abc", "--max_new_tokens=20"],
      r"--prompt of 3 bytes with --max_new_tokens=20: .*max_len"),
 ])
-def test_generate_script_rejects_unusable_run_or_prompt(tmp_path, run, flags, message):
+def test_generate_script_rejects_run_or_prompt(tmp_path, run, flags, message):
     save_tiny_run(tmp_path / "run", **run)
     result = _run_generate_script(f"--workdir={tmp_path / 'run'}", *flags)
 

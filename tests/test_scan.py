@@ -92,7 +92,7 @@ def test_scan_implementations_agree_with_each_other():
                 np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=mode)
 
 
-def test_chunk_longer_than_sequence_runs_one_unpadded_chunk():
+def test_chunk_longer_than_sequence_unpadded():
     x, dt, A, B, C, h0 = (jnp.asarray(a, jnp.float32) for a in random_inputs(37, jnp.float32))
     huge = 10**9
     y, h_last = selective_scan(x, dt, A, B, C, h0=h0, mode="chunked", chunk_size=huge)

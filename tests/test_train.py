@@ -612,7 +612,7 @@ def test_moving_average_of_known_values():
     np.testing.assert_allclose(averaged, [1.0, 2.0, 4.0, 6.0])
 
 
-def test_readme_notebook_training_steps_learn(monkeypatch):
+def test_readme_training_snippet(monkeypatch):
     # The README's notebook snippet, run as written: 20 steps must take the loss well below
     # ln(257) = 5.55 nats, the loss of a model that predicts all 257 ids equally.
     readme = (REPO / "README.md").read_text()
@@ -626,7 +626,7 @@ def test_readme_notebook_training_steps_learn(monkeypatch):
     assert isinstance(namespace["model"], nnx.Module)
 
 
-def test_resume_after_cut_metrics_line_keeps_file_readable(corpus_file, tmp_path):
+def test_resume_drops_cut_metrics_line(corpus_file, tmp_path):
     # A run killed while it writes a record leaves a last line without its newline. The resumed
     # run must not glue its first record onto it.
     workdir = tmp_path / "run"
@@ -643,7 +643,7 @@ def test_resume_after_cut_metrics_line_keeps_file_readable(corpus_file, tmp_path
     assert [record["step"] for record in read_metrics(workdir, "train")][-1] == 6
 
 
-def test_command_line_dt_rank_override_builds_that_rank(corpus_file):
+def test_dt_rank_override_from_command_line(corpus_file):
     # `--config.model.dt_rank=3` arrives as the string "3", since the field's default is "auto".
     config = tiny_config(corpus_file, model__dt_rank="3")
     model = build_model(config.model, rngs=nnx.Rngs(0))
@@ -654,8 +654,7 @@ def test_command_line_dt_rank_override_builds_that_rank(corpus_file):
 
 @pytest.mark.parametrize("pattern, problem", [("nomatch", "matches no parameter"),
                                               (".*", "matches every parameter")])
-def test_frozen_pattern_that_freezes_nothing_or_everything_is_rejected(corpus_file, tmp_path,
-                                                                        pattern, problem):
+def test_frozen_pattern_matching_none_or_all(corpus_file, tmp_path, pattern, problem):
     config = tiny_config(corpus_file, optimizer__frozen_parameters=pattern)
     with pytest.raises(ValueError, match=rf"frozen_parameters='{re.escape(pattern)}': .*"
                                          rf"{problem}.*embedding"):
@@ -663,7 +662,7 @@ def test_frozen_pattern_that_freezes_nothing_or_everything_is_rejected(corpus_fi
     assert not (tmp_path / "run" / checkpoint.CHECKPOINT_DIR).exists()
 
 
-def test_ctrl_c_while_starting_exits_with_one_message(tmp_path):
+def test_ctrl_c_while_starting(tmp_path):
     # The run takes its workdir lock, then loads the standard library corpus for a few seconds
     # before the training loop (which turns Ctrl-C into a checkpoint) starts.
     workdir = tmp_path / "run"
@@ -687,5 +686,5 @@ def test_corrupt_saved_config_names_the_file(tmp_path, content):
     workdir.mkdir()
     (workdir / checkpoint.CONFIG_FILE).write_bytes(content.encode("utf-8", "surrogateescape"))
     with pytest.raises(ValueError, match=rf"{re.escape(str(workdir / checkpoint.CONFIG_FILE))} "
-                                         r"(is not a readable JSON|holds a JSON list)"):
+                                         r"(is not a readable JSON|contains a JSON list)"):
         load_run(workdir)

@@ -104,6 +104,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_tree)))["state"]
     except Exception as error:  # TensorStore and orbax raise several types for unreadable files.
+        # NOTE: after this error, the process may still print "Event loop is closed" tracebacks
+        # at exit. They come from reads still in flight when orbax closed its event loop.
         earlier = [saved for saved in manager.all_steps() if saved < step]
         fallback = (f"move that folder out of the workdir to resume from step {max(earlier)}"
                     if earlier else "there is no earlier checkpoint; start a new workdir")
@@ -143,7 +145,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ValueError(f"{path} is not a readable JSON config ({error}); restore it, or "
                          "start the run in a new workdir") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config object; "
+        raise ValueError(f"{path} contains a JSON {type(saved).__name__}, not a config object; "
                          "restore it, or start the run in a new workdir")
     config = ml_collections.ConfigDict(saved)
     if "optimizer" in config:

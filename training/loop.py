@@ -111,8 +111,8 @@ def load_data_source(config: ml_collections.ConfigDict) -> tasks.TextData | task
 def initial_train_state(config: ml_collections.ConfigDict, mesh=None) -> TrainState:
     """Build the model and optimizer state of `config` with fresh parameters.
 
-    With a `mesh`, the state is placed on it by the sharding rules of `config.mesh` (replicated
-    by default); without one it stays on the default device.
+    With a `mesh`, the state is placed on it by the sharding rules of `config.mesh`, which
+    replicate it by default. Without a mesh, the state stays on the default device.
     """
     model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
     num_steps = config.train.num_steps

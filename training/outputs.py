@@ -1,7 +1,7 @@
 """Checks of the output paths that command-line tools write, run before any long computation.
 
-Each function creates the missing folders, checks that a file can be written there, and raises
-ValueError with one message that names the flag, so that a bad path fails in a second instead of
+Each function creates the missing folders and checks that a file can be written there. It
+raises ValueError with one message that names the flag. A bad path then fails in a second, not
 after minutes of measurement or training.
 """
 
@@ -50,8 +50,8 @@ def prepare_image_path(path: str, flag: str, companions: Sequence[str] = ()) -> 
                          f"{', '.join('.' + extension for extension in extensions)}")
     for written in (image, *(image.with_suffix(suffix) for suffix in companions)):
         if written.is_dir():
-            which = "" if written == image else f": {written}"
-            raise ValueError(f"--{flag}={path}{which} is a folder; pass the path of an image "
+            named = "" if written == image else f": {written}"
+            raise ValueError(f"--{flag}={path}{named} is a folder; pass the path of an image "
                              "file")
     _check_writable_folder(image.parent, flag, path)
     return image
