@@ -70,7 +70,8 @@ VARIANTS = {
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """Return the config of `variant`: "" or names of VARIANTS joined by commas."""
+    # "nonselective" is a Mamba without selection, so it needs no ":mamba".
     names = [name for name in variant.split(",") if name]
-    if "mamba" not in names and "nonselective" not in names:
-        names.insert(0, "transformer")
-    return synthetic_task_config("bietti_bigram", TASK_OPTIONS, ",".join(names), VARIANTS)
+    default_architecture = "mamba" if "nonselective" in names else "transformer"
+    return synthetic_task_config("bietti_bigram", TASK_OPTIONS, variant, VARIANTS,
+                                 default_architecture=default_architecture)

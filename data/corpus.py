@@ -252,9 +252,7 @@ def _load_text_file(source: Path, val_fraction: float, cache_dir: Path | None) -
         raise ValueError(
             f"corpus file {source} is empty, but the corpus must contain at least one token"
         )
-    # Every byte is one token, so the split point is known before reading.
-    _num_train_tokens(stat.st_size, val_fraction, source)
-
+    # The split is checked after reading, so that a short binary file is reported as not text.
     if cache_dir is None:
         buffer = io.BytesIO()
         TokenWriter(buffer).write_text_file(source)

@@ -524,6 +524,16 @@ def test_nul_byte_raises_with_offset(tmp_path):
         data.load_corpus(path, val_fraction=0.5)
 
 
+def test_short_binary_file_reported_as_not_text(tmp_path):
+    # Five bytes are too few for a validation split at the default val_fraction, but the file's
+    # content is the problem to report.
+    path = tmp_path / "blob.txt"
+    path.write_bytes(b"ab\x00cd")
+
+    with pytest.raises(ValueError, match=r"blob.txt is not a text file \(NUL byte"):
+        data.load_corpus(path)
+
+
 def test_invalid_utf8_raises_naming_offset(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf".encode() + "é au lait".encode("latin-1"))

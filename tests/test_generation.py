@@ -548,3 +548,31 @@ def test_generate_script_rejects_run_or_prompt(tmp_path, run, flags, message):
     error_lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(error_lines) == 1, result.stderr
     assert re.search(message, error_lines[0]), error_lines[0]
+
+
+def _readme_models_snippet(architecture: str) -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    snippet = next(block for block in blocks if "model.init_cache(batch_size=2" in block)
+    if architecture == "transformer":
+        # Each commented "NAME = attention..." line replaces the line above it.
+        snippet = re.sub(r"^.*\n# (\w+ = attention\..*)$", r"\1", snippet, flags=re.MULTILINE)
+    return snippet
+
+
+@pytest.mark.parametrize("architecture", ["mamba", "transformer"])
+def test_readme_models_snippet(architecture):
+    snippet = _readme_models_snippet(architecture)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102
+
+    model, tokens, next_tokens = namespace["model"], namespace["tokens"], namespace["next_tokens"]
+    expected_type = ssm.MambaConfig if architecture == "mamba" else attention.TransformerConfig
+    assert isinstance(namespace["config"], expected_type)
+    assert namespace["logits"].shape == (2, 257)
+    # Each row's step logits equal the full forward of its prompt alone plus the next token.
+    for row, prompt in enumerate([[104, 105], [100, 101, 102, 103]]):
+        sequence = jnp.asarray([prompt + [int(next_tokens[row])]], jnp.int32)
+        expected = model(sequence)[0, -1]
+        np.testing.assert_allclose(namespace["logits"][row], expected, rtol=1e-4, atol=1e-4)
+    assert tokens.shape == (2, 4)

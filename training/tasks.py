@@ -266,13 +266,15 @@ def model_section(architecture: str, vocab_size: int) -> ml_collections.ConfigDi
 
 
 def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
-                          variants: dict[str, dict[str, Any]]) -> ml_collections.ConfigDict:
+                          variants: dict[str, dict[str, Any]], *,
+                          default_architecture: str = "mamba") -> ml_collections.ConfigDict:
     """Build, override and lock the config of a synthetic task experiment.
 
     A key "mamba" or "transformer" inside a variant's overrides holds overrides that apply to
-    that architecture only. `variant` is "" or comma-separated names of `variants`, applied in order after the overrides
-    of `variants[""]` (the CPU default), for example "transformer,tiny". The names "mamba" and
-    "transformer" choose the architecture (Mamba when neither is given) before any override.
+    that architecture only. `variant` is "" or comma-separated names of `variants`, applied in
+    order after the overrides of `variants[""]` (the CPU default), for example
+    "transformer,tiny". The names "mamba" and "transformer" choose the architecture
+    (`default_architecture` when neither is given) before any override.
     """
     names = [""] + [name for name in variant.split(",") if name]
     for name in names:
@@ -284,8 +286,8 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
     if len(set(architectures)) > 1:
         raise ValueError(f"config variant {variant!r} names both architectures "
                          f"({', '.join(architectures)}); allowed: one of "
-                         f"{', '.join(ARCHITECTURES)}, or neither for mamba")
-    architecture = architectures[-1] if architectures else "mamba"
+                         f"{', '.join(ARCHITECTURES)}, or neither for {default_architecture}")
+    architecture = architectures[-1] if architectures else default_architecture
 
     config = default_training_config()
     # Generator in data.synthetic.SYNTHETIC_TASKS; "" trains on the text corpus instead.
