@@ -118,6 +118,16 @@ def test_variant_with_both_architectures_rejected(variant):
         load_config("induction_heads", variant)
 
 
+@pytest.mark.parametrize("name, default", [("induction_heads", "mamba"),
+                                           ("birth_transformer", "transformer")])
+def test_both_architectures_error_names_default(name, default):
+    # The message names the variant as typed and the architecture that naming neither gives.
+    with pytest.raises(ValueError, match=r"variant 'mamba,transformer' names both architectures "
+                                         rf".*or neither for {default}$"):
+        load_config(name, "mamba,transformer")
+    assert load_config(name)[1].model.architecture == default
+
+
 def test_synthetic_task_rejects_corpus_path():
     _, config = load_config("induction_heads", "tiny")
     config.data.path = "/nonexistent"
@@ -169,6 +179,29 @@ def test_masked_loss_ignores_targets_outside_mask():
                                           batch["targets"]))
     inside_sum, _ = masked_loss(state.params, state, inside)
     assert float(inside_sum) != float(loss_sum)
+
+
+def test_eval_accuracy_compares_argmax_with_targets():
+    _, config = load_config("selective_copying")
+    state = fresh_state(config)
+    batch = TaskData(config).train_batch(0, 0, 0, 4)
+    predictions = np.asarray(jnp.argmax(state.model()(jnp.asarray(batch["inputs"])), axis=-1))
+    # Targets: the model's prediction at every position except every other scored one, so the
+    # accuracy is neither 0 nor 1 and a count outside the mask would show.
+    mask = batch["loss_mask"]
+    num_scored = int(mask.sum())
+    scored_rows, scored_columns = np.nonzero(mask)
+    missed = np.arange(len(scored_rows)) % 2 == 1
+    targets = predictions.copy()
+    targets[scored_rows[missed], scored_columns[missed]] = (
+        predictions[scored_rows[missed], scored_columns[missed]] + 1) % config.model.vocab_size
+    batch = dict(batch, targets=targets.astype(np.int32))
+
+    sums = masked_eval_step(state, batch)
+    expected_correct = int(np.sum((predictions == targets) & mask))
+    assert expected_correct == num_scored - missed.sum()
+    assert float(sums["token_count"]) == num_scored
+    assert float(sums["correct_count"]) == expected_correct
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +287,40 @@ def test_chunked_evaluation_counts_known_correct_positions():
     correct, scored = extrapolate.ModelEvaluator(model, chunk_len=16).counts(batch)
     assert scored == len(scored_rows)
     assert correct == keep.sum()
+
+
+def test_chunked_evaluation_carries_state_across_chunks():
+    # Every position is scored against the full forward pass's prediction, so a correct chunked
+    # evaluation counts all of them. Positions whose top two logits are within 1e-3 are left
+    # unscored, so that rounding differences between the two passes cannot flip a prediction.
+    _, config = load_config("induction_heads")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (4, 64),
+                                               dtype=np.int32)
+    forward = nnx.jit(lambda model, tokens_bt: model(tokens_bt))
+    logits = np.asarray(forward(model, tokens))
+    top_two = np.sort(logits, axis=-1)[..., -2:]
+    mask = top_two[..., 1] - top_two[..., 0] > 1e-3
+    num_scored = int(mask.sum())
+    batch = {"inputs": tokens, "targets": logits.argmax(axis=-1).astype(np.int32),
+             "loss_mask": mask}
+
+    # The test needs a model whose predictions depend on earlier chunks: chunks that each start
+    # from an empty cache predict differently at some scored positions.
+    @nnx.jit
+    def prefill_from_empty_cache(model, tokens_bt):
+        logits_btv, _ = model.prefill(tokens_bt, model.init_cache(*tokens_bt.shape))
+        return logits_btv
+
+    chunk_predictions = [
+        np.asarray(prefill_from_empty_cache(model, tokens[:, start:start + 16])).argmax(axis=-1)
+        for start in range(0, 64, 16)]
+    changed = (np.concatenate(chunk_predictions, axis=1) != batch["targets"]) & mask
+    assert changed.sum() > 10
+
+    correct, scored = extrapolate.ModelEvaluator(model, chunk_len=16).counts(batch)
+    assert scored == num_scored
+    assert correct == num_scored
 
 
 def test_transformer_over_memory_budget_reports_out_of_memory():

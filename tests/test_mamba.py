@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from ssm import SCAN_MODES
 from ssm.mamba import MambaConfig, build_language_model
 
 VOCAB = 32
@@ -107,7 +108,13 @@ def test_chunked_prefill_matches_full_forward(selective_model, chunk_length):
     np.testing.assert_allclose(jnp.concatenate(chunk_logits, axis=1), full_logits, atol=1e-5)
 
 
-def test_left_padded_masked_matches_alone(compiled_model):
+@pytest.mark.parametrize("scan", SCAN_MODES)
+@pytest.mark.parametrize("selective", [True, False], ids=["selective", "non_selective"])
+def test_left_padded_masked_matches_alone(selective, scan):
+    # Chunks of 2 steps put a chunk boundary inside the padding (positions 0 to 2) and several
+    # after it.
+    compiled_model = CompiledModel(build_language_model(
+        tiny_config(selective=selective, scan=scan, chunk_size=2), rngs=nnx.Rngs(0)))
     # Given 13 tokens alone, and their first 10 after 3 padding tokens of arbitrary value, in a
     # batch whose other row is unpadded.
     alone = random_tokens(2, LENGTH, seed=2)

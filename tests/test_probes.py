@@ -1,11 +1,15 @@
-"""Probes on hand-built attention matrices and memories, and Mamba's implicit attention against a
-plain recurrence."""
+"""Probes on hand-built attention matrices and memories, Mamba's implicit attention against a plain
+recurrence, and the probes of `experiments.birth` on a hand-set Transformer and a Mamba model."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from experiments import birth
 from experiments.implicit_attention import implicit_attention, segment_sum
 from experiments.probes import (
     associative_memory_recall,
@@ -13,6 +17,10 @@ from experiments.probes import (
     previous_token_score,
     split_loss,
 )
+from models.registry import build_model
+from training import load_config_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def repeated_sequence(batch_size, half_len, vocab_size, seed=0):
@@ -142,6 +150,39 @@ def test_random_memory_recall_near_chance():
     assert 0.005 < recall < 0.04
 
 
+def birth_model(variant):
+    config = load_config_file(f"{REPO / 'configs' / 'birth_transformer.py'}:{variant}")
+    return build_model(config.model, rngs=nnx.Rngs(0)), config.model.vocab_size
+
+
+def test_memory_recall_transposes_value_output_product():
+    # Orthonormal embeddings e_k, and the unembedding u_k of token k equal to e_(k+1). The memory
+    # W = sum_k u_k e_k^T maps e_k to u_k (recall 1), and its transpose maps e_k to u_(k-2)
+    # (recall 0). The probe reads W_O W_V as (value_kernel @ out_kernel).T, so with an identity
+    # value kernel the output kernel is W^T.
+    model, vocab_size = birth_model("tiny")
+    assert model.blocks[0].attention.config.num_heads == 1
+    d_model = model.d_model
+    embeddings = orthonormal_rows(vocab_size, d_model, seed=0)
+    unembeddings = np.roll(embeddings, -1, axis=0)
+    table = np.zeros(model.embedding.embedding.shape, np.float32)
+    table[:vocab_size] = embeddings
+    model.embedding.embedding[...] = table
+    head_kernel = np.zeros(model.head.kernel.shape, np.float32)
+    head_kernel[:, :vocab_size] = unembeddings.T
+    model.head.kernel[...] = head_kernel
+    model.blocks[0].attention_norm.scale[...] = np.ones(d_model, np.float32)
+    model.final_norm.scale[...] = np.ones(d_model, np.float32)
+    memory = unembeddings.T @ embeddings
+    model.blocks[0].attention.value_proj.kernel[...] = np.eye(d_model, dtype=np.float32)
+
+    model.blocks[0].attention.out_proj.kernel[...] = memory.T.astype(np.float32)
+    assert birth.head_memory_recall(model, 0, vocab_size) == [1.0]
+
+    model.blocks[0].attention.out_proj.kernel[...] = memory.astype(np.float32)
+    assert birth.head_memory_recall(model, 0, vocab_size) == [0.0]
+
+
 def test_associative_memory_rejects_out_of_range_pairs():
     with pytest.raises(ValueError, match="output indices"):
         associative_memory_recall(np.eye(4), np.eye(4), np.eye(4), np.array([[0, 4]]))
@@ -225,3 +266,40 @@ def test_implicit_attention_rejects_mismatched_shapes():
     dt, A, B, C, _ = ssm_inputs(1, 5, 2, 3)
     with pytest.raises(ValueError, match="inconsistent shapes"):
         implicit_attention(dt, A[:, :2], B, C)
+
+
+def implicit_attention_by_hand(dt, A, B, C):
+    """Compute alpha (b, e, t, s) of the selective scan term by term, 0 above the diagonal:
+
+    alpha[b, e, t, s] = dt[b, s, e] sum_n C[b, t, n] B[b, s, n] exp(A[e, n] elapsed), where
+    elapsed is the sum of dt[b, r, e] over s < r <= t.
+    """
+    batch_size, seq_len, expanded = dt.shape
+    alpha = np.zeros((batch_size, expanded, seq_len, seq_len))
+    for t in range(seq_len):
+        for s in range(t + 1):
+            elapsed_be = dt[:, s + 1:t + 1].sum(axis=1)
+            decay_ben = np.exp(elapsed_be[:, :, None] * A[None])
+            alpha[:, :, t, s] = np.einsum("bn,ben,bn->be", C[:, t], decay_ben, B[:, s]) * dt[:, s]
+    return alpha
+
+
+def test_implicit_attention_map_follows_layer_input():
+    model, vocab_size = birth_model("mamba,tiny")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, vocab_size, (2, 12)), jnp.int32)
+    embeddings = model._embed(tokens)
+    second_layer = model.blocks[1]
+
+    def alpha_by_hand(x_btd):
+        _, dt, A, B, C = second_layer.mixer.scan_inputs(second_layer.norm(x_btd))
+        dt, A, B, C = (np.asarray(array, np.float64) for array in (dt, A, B, C))
+        return implicit_attention_by_hand(dt, A, B, C)
+
+    expected = alpha_by_hand(model.blocks[0](embeddings))
+    from_embeddings = alpha_by_hand(embeddings)
+    alpha = np.asarray(birth.mamba_implicit_attention(model, tokens)[1])
+
+    np.testing.assert_allclose(alpha, expected, rtol=1e-4, atol=1e-6)
+    # The first block changes the second layer's map, so a map computed from the embeddings
+    # fails the check above.
+    assert np.abs(from_embeddings - expected).max() > 0.5 * np.abs(expected).max()

@@ -7,6 +7,7 @@ seconds. Tests that need a fresh process (SIGTERM, forced CPU devices, the comma
 
 import importlib.util
 import json
+import logging
 import math
 import functools
 import os
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -32,7 +34,7 @@ from training.loop import TrainingDivergedError, initial_train_state
 from training.metrics import read_metrics
 from training.optimizer import learning_rate_schedule, weight_decay_mask
 from training.sharding import data_mesh
-from training.steps import create_train_state, train_step
+from training.steps import create_train_state, eval_step, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(path for path in (REPO / "configs").glob("*.py")
@@ -98,6 +100,20 @@ def tree_signature(tree) -> list:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """Return the leaves of a parameter tree by "/"-joined path, with list indices as strings."""
+    return {"/".join(str(key.key) for key in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def readme_parameter_count(model_name: str) -> int:
+    """Return the parameter count in the README's table row of `model_name`."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(rf"^\| {re.escape(model_name)} \| ([0-9,]+) \|", readme, re.MULTILINE)
+    assert match, f"no README table row for {model_name}"
+    return int(match.group(1).replace(",", ""))
+
+
 def run_python(args: list[str], env_overrides: dict[str, str] | None = None, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_overrides or {})}
     return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -126,6 +142,53 @@ def test_parameter_counts_match_across_architectures():
         transformer_count = parameter_count(ARCHITECTURE_FILES["transformer"], variant)
         assert abs(transformer_count / mamba_count - 1) <= 0.10, (
             variant, mamba_count, transformer_count)
+
+
+def test_mamba_default_parameter_count():
+    model = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config().model
+    # The formula assumes these fields, and the defaults conv_bias=True and bias=False, which
+    # the config file leaves unset.
+    assert model.dt_rank == "auto"
+    assert model.tie_embeddings
+    assert model.selective
+    d, n, w = model.d_model, model.d_state, model.d_conv
+    e = model.expand * d
+    dt_rank = math.ceil(d / 16)
+    multiple = model.pad_vocab_size_multiple
+    padded_vocab = math.ceil(model.vocab_size / multiple) * multiple
+    block = (d  # RMSNorm scale
+             + d * 2 * e  # in_proj to x and the gate z, no bias
+             + w * e + e  # depthwise convolution kernel and bias
+             + e * (dt_rank + 2 * n)  # x_proj to dt, B and C
+             + dt_rank * e + e  # dt_proj kernel and bias
+             + e * n  # A_log
+             + e  # D
+             + e * d)  # out_proj, no bias
+    expected = padded_vocab * d + model.num_layers * block + d  # tied embedding, final norm
+
+    assert parameter_count(ARCHITECTURE_FILES["mamba"], "") == expected
+    assert readme_parameter_count("Mamba") == expected
+
+
+def test_transformer_default_parameter_count():
+    model = load_config_module(ARCHITECTURE_FILES["transformer"]).get_config().model
+    # The formula assumes Transformer++ (RMSNorm, SwiGLU, no biases) with a tied embedding.
+    assert model.flavour == "transformer++"
+    assert model.tie_embeddings
+    d = model.d_model
+    head_dim = model.head_dim or d // model.num_heads
+    kv_heads = model.num_kv_heads or model.num_heads
+    multiple = model.pad_vocab_size_multiple
+    padded_vocab = math.ceil(model.vocab_size / multiple) * multiple
+    attention = (d * model.num_heads * head_dim  # query
+                 + 2 * d * kv_heads * head_dim  # key and value
+                 + model.num_heads * head_dim * d)  # output
+    feed_forward = 3 * d * model.ffn_dim  # SwiGLU gate, up and down projections
+    block = 2 * d + attention + feed_forward  # two RMSNorm scales
+    expected = padded_vocab * d + model.num_layers * block + d  # tied embedding, final norm
+
+    assert parameter_count(ARCHITECTURE_FILES["transformer"], "") == expected
+    assert readme_parameter_count("Transformer++") == expected
 
 
 def test_training_sections_match_across_architectures():
@@ -232,6 +295,25 @@ def test_gradient_accumulation_matches_one_full_batch(corpus_file):
         float(full_metrics["grad_norm"]), rel=1e-4)
     for full, micro in zip(jax.tree.leaves(full_state.params), jax.tree.leaves(micro_state.params)):
         np.testing.assert_allclose(np.asarray(micro), np.asarray(full), rtol=1e-4, atol=1e-6)
+
+
+def test_loss_targets_next_token(corpus_file):
+    state = initial_train_state(tiny_config(corpus_file, "transformer"))
+    tokens = np.random.default_rng(1).integers(0, 256, (8, 17))
+    logits = np.asarray(state.model()(jnp.asarray(tokens[:, :-1], jnp.int32)), np.float64)
+
+    # Cross entropy in float64 numpy of the logits at position t against token t + 1.
+    max_logits = logits.max(axis=-1)
+    log_normalizers = max_logits + np.log(np.exp(logits - max_logits[..., None]).sum(axis=-1))
+    target_logits = np.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    expected = np.mean(log_normalizers - target_logits)
+
+    _, train_metrics = jax.jit(train_step)(state, jnp.asarray(tokens[None], jnp.int32))
+    eval_metrics = jax.jit(eval_step)(state, jnp.asarray(tokens, jnp.int32))
+
+    assert float(train_metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(eval_metrics["token_count"]) == 8 * 16
+    assert float(eval_metrics["loss_sum"]) / (8 * 16) == pytest.approx(expected, rel=1e-5)
 
 
 def test_train_step_counts_steps_in_state_and_optimizer(corpus_file):
@@ -462,6 +544,40 @@ def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     assert [r["step"] for r in new_records if r["split"] == "train"] == [5, 6]
     assert int(state.step) == 6
     assert checkpoint.load_config(workdir).data.seq_len == 64
+
+
+def test_load_run_returns_saved_parameters(trained_workdir):
+    # Read the last checkpoint with orbax alone, without the template that load_run builds.
+    checkpoint_dir = trained_workdir / checkpoint.CHECKPOINT_DIR
+    last_step = max(int(path.name) for path in checkpoint_dir.iterdir() if path.name.isdigit())
+    saved = flat_params(ocp.StandardCheckpointer().restore(
+        checkpoint_dir.absolute() / str(last_step) / "state")["params"])
+
+    model, config = load_run(trained_workdir)
+    loaded = flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    fresh_model = build_model(config.model, rngs=nnx.Rngs(config.train.seed))
+    fresh = flat_params(nnx.to_pure_dict(nnx.state(fresh_model, nnx.Param)))
+
+    assert last_step == config.train.num_steps
+    assert loaded.keys() == saved.keys()
+    for path, saved_leaf in saved.items():
+        np.testing.assert_array_equal(loaded[path], saved_leaf, err_msg=path)
+    assert not np.array_equal(saved["embedding/embedding"], fresh["embedding/embedding"])
+
+
+def test_finished_run_has_nothing_to_do(corpus_file, trained_workdir, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    checkpoints_before = checkpoint_listing(workdir)
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    caplog.set_level(logging.INFO, logger="absl")
+
+    state = train_and_evaluate(tiny_config(corpus_file, train__num_steps=4), workdir)
+
+    assert int(state.step) == 4
+    assert (workdir / "metrics.jsonl").read_text() == metrics_before
+    assert checkpoint_listing(workdir) == checkpoints_before
+    assert "nothing to do: the checkpoint is at step 4 of train.num_steps=4" in caplog.messages
 
 
 def test_load_run_old_config_gets_defaults(trained_workdir, tmp_path):

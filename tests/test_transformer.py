@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.special
 from flax import nnx
 
 from attention import TransformerConfig, attention_weights, build_language_model
+from attention.transformer import GeluMLP
 from models import LanguageModel
 
 jitted_attention_weights = nnx.jit(attention_weights)
@@ -140,6 +142,32 @@ def test_flavours_have_expected_biases():
     assert classic.blocks[0].attention.query_proj.bias is not None
     assert classic.blocks[0].feed_forward.down_proj.bias is not None
     assert classic.blocks[0].attention_norm.bias is not None
+
+
+def test_classic_feed_forward_applies_tanh_gelu():
+    feed_forward = GeluMLP(TransformerConfig(**TINY, flavour="classic"), rngs=nnx.Rngs(0))
+    # Weights of unit scale spread the hidden units u up to |u| of about 9. There the tanh and
+    # the erf form of GELU differ by up to 5e-4, well above float32 rounding.
+    rng = np.random.default_rng(0)
+    up_kernel = (rng.normal(size=(32, 64)) / np.sqrt(32)).astype(np.float32)
+    up_bias = rng.normal(size=64).astype(np.float32)
+    down_kernel = (rng.normal(size=(64, 32)) / np.sqrt(64)).astype(np.float32)
+    down_bias = rng.normal(size=32).astype(np.float32)
+    feed_forward.up_proj.kernel[...] = jnp.asarray(up_kernel)
+    feed_forward.up_proj.bias[...] = jnp.asarray(up_bias)
+    feed_forward.down_proj.kernel[...] = jnp.asarray(down_kernel)
+    feed_forward.down_proj.bias[...] = jnp.asarray(down_bias)
+    x = rng.normal(scale=2.0, size=(2, 5, 32)).astype(np.float32)
+
+    # The hand computation runs in float64, on the same float32 values.
+    hidden = x.astype(np.float64) @ up_kernel + up_bias
+    tanh_gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
+    erf_gelu = 0.5 * hidden * (1 + scipy.special.erf(hidden / np.sqrt(2)))
+    output = np.asarray(feed_forward(jnp.asarray(x)), np.float64)
+
+    np.testing.assert_allclose(output, tanh_gelu @ down_kernel + down_bias, rtol=1e-5, atol=1e-5)
+    assert np.abs(output - (erf_gelu @ down_kernel + down_bias)).max() > 1e-4
+    assert np.abs(output - (hidden @ down_kernel + down_bias)).max() > 1e-1
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
