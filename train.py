@@ -55,7 +55,8 @@ def _flag_values(argv: list[str], name: str) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """Parse the flags, first checking the config file, its variant and every override's field.
+    """Parse the flags, checking the config file, its variant, every override's field and the
+    type of every field of the resulting config.
 
     config_flags reports these errors with the traceback of the config file's loading; here each
     one becomes a single message and exit status 2.
@@ -70,6 +71,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         if len(remaining) > 1:
             raise ValueError(f"unexpected arguments: {' '.join(remaining[1:])}; every setting "
                              "is a --flag")
+        if _CONFIG.value is not None:
+            config_lib.check_config_fields(_CONFIG.value)
         return remaining
     except (ValueError, flags.Error) as error:
         sys.stderr.write(f"train.py: invalid flags: {_flag_error_message(error)}\n")

@@ -105,8 +105,9 @@ class TransformerBlock(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int) -> KeyValueCache:
         if self.adds_sinusoidal_positions and max_len > self.config.max_len:
             raise ValueError(
-                f"max_len={max_len} of the cache exceeds config.max_len={self.config.max_len}, "
-                f"the maximum sequence length for sinusoidal positions. Raise config.max_len")
+                f"cache length max_len={max_len} exceeds the TransformerConfig's max_len="
+                f"{self.config.max_len} (model.max_len in a training config), the longest "
+                "sequence that sinusoidal positions encode; raise it")
         return self.attention.init_cache(batch_size, max_len)
 
     def prefill(self, x_btd: jax.Array, cache: KeyValueCache, *, mask: jax.Array | None = None
@@ -132,8 +133,9 @@ class TransformerBlock(nnx.Module):
         b, t, d = x_btd.shape
         if start_b is None and t > self.config.max_len:
             raise ValueError(
-                f"sequence length {t} exceeds config.max_len={self.config.max_len}, the maximum "
-                f"sequence length for sinusoidal positions. Raise config.max_len")
+                f"sequence length {t} exceeds the TransformerConfig's max_len="
+                f"{self.config.max_len} (model.max_len in a training config), the longest "
+                "sequence that sinusoidal positions encode; raise it")
         mask_bt = jnp.ones((b, t), bool) if mask is None else mask
         positions_bt = positions_from_mask(mask_bt, start_b)
 

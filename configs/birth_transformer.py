@@ -14,6 +14,7 @@ Variants are joined by commas (`:attention_only,frozen_embeddings`). "transforme
 architecture here, and "mamba" and "nonselective" (time-invariant Mamba) the others.
 "attention_only" drops the feed-forward sublayers. "frozen_embeddings" keeps the embedding and
 output head at their random initial values, and "frozen_first_layer" does so for the first block.
+Both set optimizer.frozen_parameters, so they do not combine.
 "tiny" runs in seconds, for tests, and "paper" has the sizes of Bietti et al. (vocabulary 64,
 length 256, width 256). The task fields are those of
 `data.synthetic.bietti_bigram_batch`; the other fields are documented in `training/config.py` and

@@ -1,9 +1,10 @@
-"""Tests of the flag checks of the benchmark and experiment scripts and of training.plot.
+"""Tests of the flag checks of train.py, the benchmark and experiment scripts and training.plot.
 
 A bad flag, path or value must stop a script with one message that names the flag, before any
 measurement, evaluation or output file. The checks run in-process on fresh `FlagValues` and on
 fake workdirs that contain only the files the checks read. One subprocess per benchmark checks
-that the message is the only output.
+that the message is the only output. The train.py tests edit copies of configs/mamba_lm.py the
+way a user would, and run train.py for each kind of error.
 """
 
 import json
@@ -13,12 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app, flags
+from flax import nnx
 
 from benchmarks import decode, long_context, scan, train_step
 from experiments import birth, curves, extrapolate
+from models.registry import build_model
+from training import config as config_lib
 from training import load_config_file, plot
 from training.checkpoint import CHECKPOINT_DIR, save_config
 
@@ -480,3 +485,326 @@ def test_peers_without_pytorch_names_the_extra():
     assert result.stderr.startswith("benchmarks.peers: error: PyTorch is not installed")
     assert "pip install -e '.[peers]'" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+# ---- train.py: config files, variants and config fields
+
+MAMBA_CONFIG = REPO / "configs" / "mamba_lm.py"
+MAMBA_RETURN = "    return apply_variant(config, variant, VARIANTS)"
+
+
+def edited_config(tmp_path: Path, old: str, new: str) -> Path:
+    """Write a copy of configs/mamba_lm.py with `old` replaced by `new`, as a user would edit it."""
+    text = MAMBA_CONFIG.read_text(encoding="utf-8")
+    assert text.count(old) == 1, old
+    path = tmp_path / "edited_config.py"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def line_number(path: Path, code: str) -> int:
+    """Return the 1-based number of the first line of `path` that contains `code`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return next(index + 1 for index, line in enumerate(lines) if code in line)
+
+
+def run_train(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *arguments, f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=120, check=False)
+
+
+def test_config_file_exception_names_line(tmp_path):
+    path = edited_config(tmp_path, MAMBA_RETURN, "    size = {}['width']\n" + MAMBA_RETURN)
+    line = line_number(path, "size = {}['width']")
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{path}:tiny")
+    assert str(raised.value) == (
+        f"config file {str(path)!r} raised KeyError in get_config('tiny') at line {line} "
+        "(size = {}['width']): 'width'")
+
+
+def test_config_file_import_error_names_line(tmp_path):
+    path = edited_config(tmp_path, "import ml_collections\n",
+                         "import ml_collections\nimport no_such_module\n")
+    with pytest.raises(ValueError) as raised:
+        load_config_file(str(path))
+    assert str(raised.value) == (
+        f"config file {str(path)!r} raised ModuleNotFoundError while it was imported at line "
+        f"{line_number(path, 'import no_such_module')} (import no_such_module): No module "
+        "named 'no_such_module'")
+
+
+def test_config_file_syntax_error_names_column(tmp_path):
+    path = edited_config(tmp_path, "config.model.d_state = 16", "config.model.d_state = = 16")
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{path}:tiny")
+    assert str(raised.value) == (
+        f"config file {str(path)!r} has a syntax error at line "
+        f"{line_number(path, 'd_state = = 16')}, column 28 (config.model.d_state = = 16): "
+        "invalid syntax")
+
+
+def test_get_config_without_argument(tmp_path):
+    path = edited_config(tmp_path, 'def get_config(variant: str = "")', "def get_config()")
+    line = line_number(path, "def get_config()")
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{path}:tiny")
+    assert str(raised.value) == (
+        f"config file {str(path)!r}: get_config at line {line} takes no argument, so it cannot "
+        "take the variant 'tiny'; define get_config(variant: str = \"\"), or drop ':tiny' from "
+        "--config")
+    # Without a variant, get_config() is called as ml_collections' config flag calls it.
+    path.write_text(path.read_text(encoding="utf-8").replace(
+        "apply_variant(config, variant, VARIANTS)", 'apply_variant(config, "", VARIANTS)'),
+        encoding="utf-8")
+    assert load_config_file(str(path)).model.d_model == 128
+
+
+def test_get_config_requiring_argument(tmp_path):
+    path = edited_config(tmp_path, 'def get_config(variant: str = "")',
+                         "def get_config(variant: str)")
+    with pytest.raises(ValueError, match=re.escape(
+            f"get_config at line {line_number(path, 'def get_config(')} requires an argument; "
+            f"pass --config={path}:VARIANT")):
+        load_config_file(str(path))
+    assert load_config_file(f"{path}:tiny").model.d_model == 32
+
+
+@pytest.mark.parametrize("returned, hint", [
+    ("config.to_dict()", " (return the ConfigDict itself, not config.to_dict())"),
+    ("None", " (is the return statement missing?)")])
+def test_get_config_returning_other_type(tmp_path, returned, hint):
+    path = edited_config(tmp_path, MAMBA_RETURN,
+                         f"    config = apply_variant(config, variant, VARIANTS)\n"
+                         f"    return {returned}")
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{path}:tiny")
+    type_name = "dict" if returned != "None" else "NoneType"
+    assert str(raised.value) == (f"config file {str(path)!r}: get_config returned a {type_name}; "
+                                 f"expected an ml_collections.ConfigDict{hint}")
+
+
+def test_config_file_type_change_names_field(tmp_path):
+    path = edited_config(tmp_path, MAMBA_RETURN, "    config.data.seq_len = 32.5\n" + MAMBA_RETURN)
+    with pytest.raises(ValueError) as raised:
+        load_config_file(str(path))
+    message = str(raised.value)
+    assert message.startswith(f"config file {str(path)!r} raised TypeError in get_config() at "
+                              f"line {line_number(path, 'seq_len = 32.5')}")
+    assert message.endswith("(config.data.seq_len = 32.5): field 'seq_len' takes an integer, "
+                            "got 32.5 (float)")
+
+
+def test_helper_value_error_keeps_message():
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{MAMBA_CONFIG}:huge")
+    assert str(raised.value) == ("unknown config variant 'huge'; allowed variants: '', 'tiny', "
+                                 "'small', 'medium'")
+
+
+def test_missing_field_names_default(tmp_path):
+    path = edited_config(tmp_path, MAMBA_RETURN, "    del config.train.seed\n" + MAMBA_RETURN)
+    config = load_config_file(f"{path}:tiny")
+    with pytest.raises(ValueError) as raised:
+        config_lib.check_config_fields(config)
+    assert str(raised.value) == (
+        "missing config field train.seed; get_config must keep every field of "
+        "training.config.default_training_config, and this one defaults to 0")
+
+
+def test_field_of_wrong_type_names_expected(tmp_path):
+    config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+    config.unlock()
+    del config.data.seq_len
+    config.data.seq_len = 32.5
+    with pytest.raises(ValueError) as raised:
+        config_lib.check_config_fields(config)
+    assert str(raised.value) == "invalid config field data.seq_len=32.5; allowed: an integer"
+
+    path = edited_config(tmp_path, "config.model.d_model = 128", 'config.model.d_model = "128"')
+    with pytest.raises(ValueError) as raised:
+        config_lib.check_config_fields(load_config_file(str(path)))
+    assert str(raised.value) == "invalid config field model.d_model='128'; allowed: an integer"
+
+
+def test_variant_over_field_of_wrong_type(tmp_path):
+    path = edited_config(tmp_path, "config.model.d_model = 128", 'config.model.d_model = "128"')
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{path}:tiny")
+    assert str(raised.value) == (
+        "invalid config field model.d_model='128' (str): config variant 'tiny' sets it to 32 "
+        "(int); expected an integer")
+
+
+def test_transformer_field_of_wrong_type():
+    # TransformerConfig would raise a TypeError on "128" % num_heads.
+    config = load_config_file(f"{REPO / 'configs' / 'transformer_lm.py'}:tiny")
+    config.unlock()
+    del config.model.d_model
+    config.model.d_model = "128"
+    with pytest.raises(ValueError, match=re.escape(
+            "invalid config field model.d_model='128'; allowed: an integer")):
+        config_lib.validate_config(config, num_devices=1)
+
+
+def test_mesh_rules_none_names_form():
+    for name in ("rules", "logical_rules"):
+        config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+        config_lib.set_field(config, f"mesh.{name}", None)
+        with pytest.raises(ValueError) as raised:
+            config_lib.validate_config(config, num_devices=1)
+        message = str(raised.value)
+        assert message.startswith(f"invalid config field mesh.{name}=None; allowed: a tuple of ")
+        assert message.endswith(f"or () for no rules (--config.mesh.{name}='()' on the command "
+                                "line)")
+    config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+    config_lib.set_field(config, "mesh.rules", ("kernel",))
+    with pytest.raises(ValueError, match=re.escape(
+            "invalid config field mesh.rules[0]='kernel'; allowed: a (regular expression, mesh "
+            "axis or None) pair")):
+        config_lib.validate_config(config, num_devices=1)
+
+
+def test_empty_mesh_rules_are_valid():
+    config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+    config_lib.set_field(config, "mesh.rules", ())
+    config_lib.validate_config(config, num_devices=1)
+
+
+def test_corpus_glob_names_folder_and_pattern(tmp_path):
+    config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+    config.data.path = str(tmp_path / "texts" / "*.txt")
+    with pytest.raises(ValueError) as raised:
+        config_lib.validate_config(config, num_devices=1)
+    assert str(raised.value) == (
+        f"invalid config field data.path={config.data.path!r}: the path does not exist, and "
+        "data.path takes no glob; allowed: the folder in data.path and the glob in data.pattern, "
+        f"here data.path={str(tmp_path / 'texts')!r} and data.pattern='*.txt'")
+
+    config.data.path = str(tmp_path / "absent.txt")
+    with pytest.raises(ValueError) as raised:
+        config_lib.validate_config(config, num_devices=1)
+    message = str(raised.value)
+    assert message.endswith("or '' for the Python standard library")
+    assert "None" not in message
+
+
+def test_sinusoidal_seq_len_names_model_max_len():
+    config = load_config_file(f"{REPO / 'configs' / 'transformer_lm.py'}:tiny")
+    config.model.positions = "sinusoidal"
+    config.model.max_len = 16
+    with pytest.raises(ValueError) as raised:
+        config_lib.validate_config(config, num_devices=1)
+    assert str(raised.value) == (
+        "invalid config field data.seq_len=32; allowed: at most model.max_len (16), the longest "
+        "sequence that sinusoidal positions encode; raise model.max_len")
+
+
+def test_sinusoidal_model_error_names_model_max_len():
+    model = build_model({"architecture": "transformer", "vocab_size": 16, "d_model": 8,
+                         "num_layers": 1, "num_heads": 2, "positions": "sinusoidal",
+                         "max_len": 4}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError) as raised:
+        model(jnp.zeros((1, 5), jnp.int32))
+    message = str(raised.value)
+    assert "(model.max_len in a training config)" in message
+    assert "config.max_len" not in message
+
+
+def test_value_field_is_not_a_section():
+    config = load_config_file(f"{MAMBA_CONFIG}:tiny")
+    with pytest.raises(ValueError) as raised:
+        config_lib.check_field_paths(config, ["mesh.rules.x"])
+    assert str(raised.value) == ("config field 'mesh.rules' is a value, not a section, so "
+                                 "'mesh.rules.x' is not a field; set the value with "
+                                 "--config.mesh.rules=VALUE")
+    with pytest.raises(ValueError, match=re.escape(
+            "unknown config section 'model.size'; model has no sections, only the fields ")):
+        config_lib.check_field_paths(config, ["model.size.width"])
+
+
+def test_text_config_takes_one_variant():
+    with pytest.raises(ValueError) as raised:
+        load_config_file(f"{MAMBA_CONFIG}:tiny,small")
+    assert str(raised.value) == ("config variant 'tiny,small' joins several variants, but this "
+                                 "config takes one; allowed variants: '', 'tiny', 'small', "
+                                 "'medium'")
+
+
+def test_model_variants_need_training_variant():
+    with pytest.raises(ValueError, match=re.escape(
+            "model variant 'huge' has no training variant of that name; allowed: '', 'tiny'")):
+        config_lib.with_training_variants({"huge": {"model.d_model": 2048}})
+    with pytest.raises(ValueError, match=re.escape(
+            "model variant 'tiny' sets data.seq_len; allowed: model.* fields only")):
+        config_lib.with_training_variants({"tiny": {"data.seq_len": 64}})
+
+
+# Each command stops before the workdir is made: with exit status 2 and the message of
+# parse_flags, or status 1 and the message of validate_config logged once.
+TRAIN_ERRORS = [
+    (["--config=configs/induction_heads.py:tiny,paper"], 2,
+     "config variants 'tiny' and 'paper' set data.seq_len to different values, 32 and 256"),
+    (["--config=configs/birth_transformer.py:tiny,frozen_embeddings,frozen_first_layer"], 2,
+     "config variants 'frozen_embeddings' and 'frozen_first_layer' set "
+     "optimizer.frozen_parameters to different values, '^(embedding|head)/' and '^blocks/0/'"),
+    (["--config=configs/mamba_lm.py:tiny", "--config.mesh.rules=None"], 2,
+     "invalid config field mesh.rules=(None,); allowed: a tuple of (regular expression, mesh "
+     "axis or None) pairs"),
+    (["--config=configs/mamba_lm.py:tiny", "--config.mesh.logical_rules=None"], 2,
+     "invalid config field mesh.logical_rules=(None,); allowed: a tuple of (logical axis name, "
+     "mesh axis or None) pairs"),
+    (["--config=configs/transformer_lm.py:tiny", "--config.model.positions=sinusoidal",
+      "--config.model.max_len=16"], 1,
+     "invalid config field data.seq_len=32; allowed: at most model.max_len (16)"),
+    (["--config=configs/mamba_lm.py:tiny", "--config.data.path=/nonexistent/*.py"], 1,
+     "invalid config field data.path='/nonexistent/*.py': the path does not exist, and "
+     "data.path takes no glob"),
+]
+
+
+@pytest.mark.parametrize("arguments, status, message", TRAIN_ERRORS,
+                         ids=[" ".join(arguments) for arguments, _, _ in TRAIN_ERRORS])
+def test_train_command_prints_one_message(arguments, status, message, tmp_path):
+    result = run_train(tmp_path, *arguments)
+    assert result.returncode == status
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    if status == 2:
+        assert result.stderr.startswith(f"train.py: invalid flags: {message}")
+    else:
+        assert " train.py:" in result.stderr
+        assert f"] {message}" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("edit", ["raise", "import", "syntax", "no argument", "missing field",
+                                  "wrong type", "dict"])
+def test_train_command_reports_config_file(edit, tmp_path):
+    edits = {
+        "raise": (MAMBA_RETURN, "    size = {}['width']\n" + MAMBA_RETURN,
+                  "raised KeyError in get_config('tiny') at line "),
+        "import": ("import ml_collections\n", "import ml_collections\nimport no_such_module\n",
+                   "raised ModuleNotFoundError while it was imported at line "),
+        "syntax": ("config.model.d_state = 16", "config.model.d_state = = 16",
+                   "has a syntax error at line "),
+        "no argument": ('def get_config(variant: str = "")', "def get_config()",
+                        "takes no argument, so it cannot take the variant 'tiny'"),
+        "missing field": (MAMBA_RETURN, "    del config.train.seed\n" + MAMBA_RETURN,
+                          "missing config field train.seed"),
+        "wrong type": ("config.model.d_model = 128", 'config.model.d_model = "128"',
+                       "invalid config field model.d_model='128' (str): config variant 'tiny' "
+                       "sets it to 32 (int); expected an integer"),
+        "dict": (MAMBA_RETURN, MAMBA_RETURN + ".to_dict()", "get_config returned a dict"),
+    }
+    old, new, message = edits[edit]
+    path = edited_config(tmp_path, old, new)
+    result = run_train(tmp_path, f"--config={path}:tiny")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("train.py: invalid flags: ")
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run").exists()

@@ -212,6 +212,30 @@ def test_fsdp_devices_hold_quarter_of_matrices(runs):
         assert all(shape == leaf["shape"] for shape in leaf["device_shapes"])
 
 
+def test_mamba_fsdp_matches_replicated_losses(corpus, tmp_path):
+    # The runs above train the Transformer. Mamba's matrices split along its expanded width.
+    overrides = ["data.path=" + json.dumps(str(corpus)), "data.val_fraction=0.1",
+                 "train.num_steps=3", "train.eval_every=3", "train.checkpoint_every=3",
+                 "optimizer.warmup_steps=0"]
+    fsdp_overrides = ["mesh.fsdp=4", "mesh.logical_rules=" + json.dumps(LOGICAL_RULES)]
+    runs = {name: tmp_path / name for name in ("replicated", "fsdp")}
+    processes = [start(["-c", FSDP_SCRIPT, "configs/mamba_lm.py:tiny", str(runs[name]),
+                        str(tmp_path / f"{name}.json"), *overrides,
+                        *(fsdp_overrides if name == "fsdp" else [])], 4)
+                 for name in runs]
+    for returncode, output in wait_all(processes):
+        assert returncode == 0, output
+
+    replicated, fsdp = train_losses(runs["replicated"]), train_losses(runs["fsdp"])
+    assert sorted(fsdp) == [1, 2, 3]
+    np.testing.assert_allclose([fsdp[step] for step in range(1, 4)],
+                               [replicated[step] for step in range(1, 4)], rtol=0, atol=1e-5)
+    shards = json.loads((tmp_path / "fsdp.json").read_text())
+    in_proj = shards["params/blocks/0/mixer/in_proj/kernel"]
+    assert [np.prod(shape) * 4 for shape in in_proj["device_shapes"]] == [
+        np.prod(in_proj["shape"])] * 4
+
+
 @pytest.mark.slow
 def test_fsdp_across_processes_matches_replicated(runs, corpus, tmp_path):
     # The fsdp axis of size 4 spans both processes, so parameters are gathered across them.

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ from training import load_run, plot, train_and_evaluate
 from training.freezing import frozen_labels
 from training.optimizer import build_optimizer, learning_rate_schedule
 from training.steps import create_train_state, train_step
-from training.tasks import TaskData, masked_accuracy, masked_eval_step, masked_loss
+from training.tasks import (TaskData, masked_accuracy, masked_eval_step, masked_loss,
+                            synthetic_task_config)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_CONFIGS = ["induction_heads", "selective_copying", "associative_recall",
@@ -53,7 +55,9 @@ def variant_cases():
     for name in EXPERIMENT_CONFIGS:
         module, _ = load_config(name)
         for variant in module.VARIANTS:
-            if variant in ("", "tiny"):
+            # "paper" sets the sizes that "tiny" sets, so the two do not combine;
+            # tests/test_train.py builds and validates it alone.
+            if variant in ("", "tiny", "paper"):
                 continue
             marks = () if (name, variant) in DEFAULT_CASES else (pytest.mark.slow,)
             cases.append(pytest.param(name, variant, marks=marks, id=f"{name}-{variant}"))
@@ -110,6 +114,66 @@ def test_nonselective_transformer_variant_names_field():
     with pytest.raises(ValueError, match="variant 'nonselective' does not apply to the "
                                          "transformer model: .*model.selective"):
         load_config("induction_heads", "transformer,nonselective")
+
+
+# (config, variant, message): two named variants that set one field to different values.
+CONFLICTING_VARIANTS = [
+    ("induction_heads", "tiny,paper",
+     "config variants 'tiny' and 'paper' set data.seq_len to different values, 32 and 256; "
+     "allowed: one of the two variants, and --config.data.seq_len=VALUE to set the field"),
+    ("induction_heads", "paper,transformer,tiny",
+     "config variants 'paper' and 'tiny' set data.seq_len to different values, 256 and 32"),
+    ("birth_transformer", "tiny,frozen_embeddings,frozen_first_layer",
+     "config variants 'frozen_embeddings' and 'frozen_first_layer' set "
+     "optimizer.frozen_parameters to different values, '^(embedding|head)/' and '^blocks/0/'"),
+    ("associative_recall", "tiny,paper", "config variants 'tiny' and 'paper' set model.d_model "
+     "to different values, 16 and 128"),
+]
+
+
+@pytest.mark.parametrize("name, variant, message", CONFLICTING_VARIANTS,
+                         ids=[f"{name}:{variant}" for name, variant, _ in CONFLICTING_VARIANTS])
+def test_conflicting_variants_rejected(name, variant, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(name, variant)
+
+
+def test_architecture_overrides_conflict_for_that_architecture():
+    # "a" and "b" differ only in an override nested under "mamba".
+    variants = {"": {}, "mamba": {}, "transformer": {},
+                "a": {"mamba": {"model.scan": "sequential"}, "model.d_model": 16},
+                "b": {"mamba": {"model.scan": "chunked"}, "model.d_model": 16}}
+    with pytest.raises(ValueError, match=re.escape(
+            "config variants 'a' and 'b' set model.scan to different values, 'sequential' and "
+            "'chunked'")):
+        synthetic_task_config("induction_heads", {}, "a,b", variants)
+    config = synthetic_task_config("induction_heads", {}, "transformer,a,b", variants)
+    assert config.model.d_model == 16
+
+
+def test_variants_override_base_variant():
+    # The base variant "" sets data.seq_len to 256 and "tiny" to 32 without a conflict.
+    assert load_config("induction_heads", "")[1].data.seq_len == 256
+    assert load_config("induction_heads", "tiny")[1].data.seq_len == 32
+
+
+# Variant combinations that the README and the config docstrings name.
+DOCUMENTED_VARIANTS = [("induction_heads", "transformer,tiny"),
+                       ("associative_recall", "transformer,tiny"),
+                       ("selective_copying", "transformer,tiny"),
+                       ("birth_transformer", "attention_only,frozen_embeddings")]
+
+
+@pytest.mark.parametrize("name, variant", DOCUMENTED_VARIANTS)
+def test_documented_variant_combination_loads(name, variant):
+    module, config = load_config(name, variant)
+    assert f"`:{variant}`" in module.__doc__
+    for part in variant.split(","):
+        for dotted, value in module.VARIANTS[part].items():
+            if dotted not in ("mamba", "transformer"):
+                field = functools.reduce(lambda section, key: section[key], dotted.split("."),
+                                         config)
+                assert field == value, (variant, dotted)
 
 
 @pytest.mark.parametrize("variant", ["mamba,transformer,tiny", "transformer,mamba"])

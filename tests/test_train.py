@@ -451,6 +451,41 @@ def test_four_devices_give_same_losses_as_one(corpus_file, tmp_path):
     np.testing.assert_allclose(four_val, one_val, rtol=1e-5)
 
 
+# A run whose final wait for the asynchronous save is preceded by a signal to itself, as when a
+# job is stopped in the last moments of a run. The signal is sent only from the loop's own call.
+SIGNAL_AT_LAST_SAVE_SCRIPT = """
+import os, signal, sys
+import orbax.checkpoint as ocp
+from absl import logging
+from tests.test_train import tiny_config
+from training import train_and_evaluate
+wait_until_finished = ocp.CheckpointManager.wait_until_finished
+def signal_then_wait(manager):
+    if sys._getframe(1).f_code.co_filename.endswith(os.path.join("training", "loop.py")):
+        os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+    return wait_until_finished(manager)
+ocp.CheckpointManager.wait_until_finished = signal_then_wait
+logging.set_verbosity(logging.INFO)
+train_and_evaluate(tiny_config(sys.argv[1], train__num_steps=3), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_during_last_save_keeps_it(corpus_file, tmp_path, signal_name):
+    workdir = tmp_path / "run"
+    process = run_python(["-c", SIGNAL_AT_LAST_SAVE_SCRIPT, str(corpus_file), str(workdir),
+                          signal_name])
+    output, _ = process.communicate(timeout=240)
+
+    assert process.returncode == 0, output
+    assert f"received {signal_name}: saved the checkpoint of step 3 and stopped" in output
+    manager = checkpoint.checkpoint_manager(workdir, keep=3)
+    assert manager.latest_step() == 3
+    manager.close()
+    model, _ = load_run(workdir)
+    assert bool(jnp.all(jnp.isfinite(model(jnp.zeros((1, 4), jnp.int32)))))
+
+
 # ---- bad input
 
 
@@ -514,6 +549,37 @@ def test_workdir_that_is_a_file_is_named(corpus_file, tmp_path):
         train_and_evaluate(tiny_config(corpus_file), blocker)
 
 
+@pytest.mark.parametrize("name, make_folder", [("checkpoints", False), ("tensorboard", False),
+                                              ("metrics.jsonl", True), ("run.lock", True),
+                                              ("config.json", True)])
+def test_workdir_entry_of_wrong_kind(corpus_file, tmp_path, name, make_folder):
+    # A file where the run keeps a folder, or a folder where it keeps a file.
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if make_folder:
+        (workdir / name).mkdir()
+    else:
+        (workdir / name).write_text("")
+    found, expected = ("folder", "file") if make_folder else ("file", "folder")
+
+    with pytest.raises(ValueError, match=rf"{re.escape(str(workdir / name))} is a {found}, but "
+                                         rf"a run keeps a {expected} of that name there"):
+        train_and_evaluate(tiny_config(corpus_file), workdir)
+    assert sorted(path.name for path in workdir.iterdir()) == [name]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a folder without write access")
+def test_unwritable_checkpoint_folder_named(corpus_file, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / checkpoint.CHECKPOINT_DIR).mkdir(parents=True)
+    (workdir / checkpoint.CHECKPOINT_DIR).chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"checkpoints is not writable"):
+            train_and_evaluate(tiny_config(corpus_file), workdir)
+    finally:
+        (workdir / checkpoint.CHECKPOINT_DIR).chmod(0o755)
+
+
 def test_unwritable_workdir_raises_clear_error(corpus_file, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -544,6 +610,21 @@ def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     assert [r["step"] for r in new_records if r["split"] == "train"] == [5, 6]
     assert int(state.step) == 6
     assert checkpoint.load_config(workdir).data.seq_len == 64
+
+
+def test_resume_rejects_other_frozen_parameters(corpus_file, trained_workdir, tmp_path):
+    # Freezing parameters changes the structure of the optimizer state in the checkpoints.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    config = tiny_config(corpus_file, train__num_steps=6,
+                         optimizer__frozen_parameters="^embedding/")
+
+    with pytest.raises(ValueError, match=r"optimizer state has another structure.*"
+                                         r"frozen_parameters: '' -> '\^embedding/'.*"
+                                         r"Resume with the saved values"):
+        train_and_evaluate(config, workdir)
+    assert checkpoint.load_config(workdir).optimizer.frozen_parameters == ""
+    assert read_metrics(workdir, "train")[-1]["step"] == 4
 
 
 def test_load_run_returns_saved_parameters(trained_workdir):

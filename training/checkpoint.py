@@ -156,11 +156,28 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError if the model config saved in `workdir` differs from `config.model`.
+    """Raise ValueError if the checkpoints in `workdir` cannot resume `config`.
 
-    Other sections may change on resume (for example more steps or a new evaluation interval).
+    The model config must be the one saved. Other sections may change on resume (for example
+    more steps or a new evaluation interval), unless the optimizer fields change the structure
+    of the optimizer state, as `optimizer.frozen_parameters` does.
     """
-    saved_fields = config_lib.model_fields(load_config(workdir))
+    saved = load_config(workdir)
+    _check_same_model(workdir, saved, config)
+    saved_optimizer = jax.tree.structure(abstract_train_state(saved).opt_state)
+    if jax.tree.structure(abstract_train_state(config).opt_state) != saved_optimizer:
+        differences = config_lib.differing_model_fields(saved.optimizer.to_dict(),
+                                                        config.optimizer.to_dict())
+        raise ValueError(
+            f"workdir {str(workdir)!r} contains checkpoints whose optimizer state has another "
+            f"structure than these optimizer settings give; differing optimizer fields (saved -> "
+            f"requested): {'; '.join(differences)}. Resume with the saved values, or use a new "
+            "workdir.")
+
+
+def _check_same_model(workdir, saved: ml_collections.ConfigDict,
+                      config: ml_collections.ConfigDict) -> None:
+    saved_fields = config_lib.model_fields(saved)
     current_fields = config_lib.model_fields(config)
     if saved_fields.get("architecture") != current_fields.get("architecture"):
         # Every other field would differ too, so name only the architecture.

@@ -23,11 +23,16 @@ import data
 from models.registry import build_model, count_parameters
 from training import checkpoint, tasks
 from training.config import validate_config
-from training.metrics import MetricsWriter, progress_line
+from training.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, progress_line
 from training.optimizer import build_optimizer, learning_rate_schedule
 from training.sharding import (build_mesh, global_eval_batch, global_train_batch, replicated,
                                state_shardings)
 from training.steps import TrainState, bits_per_byte, create_train_state, train_step
+
+
+# Entries a run keeps in its workdir: name -> whether the entry is a folder.
+WORKDIR_ENTRIES = {checkpoint.CHECKPOINT_DIR: True, TENSORBOARD_DIR: True, METRICS_FILE: False,
+                   checkpoint.LOCK_FILE: False, checkpoint.CONFIG_FILE: False}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -76,6 +81,15 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     except OSError as error:
         raise ValueError(f"workdir {str(workdir)!r} is not writable ({error.strerror}); "
                          "pass a folder that this user can create files in") from None
+    for name, is_folder in WORKDIR_ENTRIES.items():
+        entry = path / name
+        if entry.exists() and entry.is_dir() != is_folder:
+            found, expected = ("file", "folder") if is_folder else ("folder", "file")
+            raise ValueError(f"{entry} is a {found}, but a run keeps a {expected} of that name "
+                             "there; move it out of the workdir")
+        if is_folder and entry.is_dir() and not os.access(entry, os.W_OK | os.X_OK):
+            raise ValueError(f"{entry} is not writable; make it writable by this user, or pass "
+                             "another workdir")
     return path
 
 
@@ -204,15 +218,20 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: Path, is_write
         checkpoint.save_config(workdir, config)
 
     writer = MetricsWriter(workdir, enabled=is_writer)
-    try:
-        with StopSignal() as stop:
+    # The handlers stay installed until the last asynchronous save is complete and the files are
+    # closed, so that a signal at the end of the run cannot cut the save short.
+    with StopSignal() as stop:
+        try:
             state = _run_steps(config, state, source, mesh, manager, writer, stop, workdir)
-        manager.wait_until_finished()
-        if is_writer and int(jax.device_get(state.step)) > start_step:
-            checkpoint.save_config(workdir, config)
-    finally:
-        writer.close()
-        manager.close()
+            manager.wait_until_finished()
+            if stop.received is not None:
+                logging.info("received %s: saved the checkpoint of step %d and stopped",
+                             stop.received, int(jax.device_get(state.step)))
+            if is_writer and int(jax.device_get(state.step)) > start_step:
+                checkpoint.save_config(workdir, config)
+        finally:
+            writer.close()
+            manager.close()
     return state
 
 
@@ -276,9 +295,7 @@ def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> T
             checkpoint.save_checkpoint(manager, state)
 
     if stop.received is not None:
-        saved = checkpoint.save_checkpoint(manager, state)
-        logging.info("received %s: saved the checkpoint of step %d and stopped", stop.received,
-                     saved)
+        checkpoint.save_checkpoint(manager, state)
     elif step == first_step:
         logging.info("nothing to do: the checkpoint is at step %d of train.num_steps=%d",
                      step, num_steps)

@@ -149,32 +149,53 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
                          f"product must equal the number of devices ({num_devices}); set "
                          "mesh.data=-1 to use every device")
 
-    for index, rule in enumerate(section.rules):
-        if len(rule) != 2:
-            raise ValueError(f"invalid config field mesh.rules[{index}]={rule!r}; allowed: a "
-                             "(regular expression, mesh axis or None) pair")
-        pattern, axis = rule
+    check_mesh_rules(section)
+    return {DATA_AXIS: data, FSDP_AXIS: fsdp}
+
+
+# Pair forms of the two rule fields, and an example of each.
+RULE_FORMS = {"rules": ("(regular expression, mesh axis or None)", '((".*", "fsdp"),)'),
+              "logical_rules": ("(logical axis name, mesh axis or None)", '(("mlp", "fsdp"),)')}
+
+
+def check_mesh_rules(section: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the field for `mesh.rules` or `mesh.logical_rules` of the wrong form.
+
+    Both are sequences of pairs. () is no rules: an empty `rules` replicates every parameter, and
+    an empty `logical_rules` leaves every leaf to `rules`.
+    """
+    for name, (pair_form, example) in RULE_FORMS.items():
+        rules = section.get(name, ())
+        if not isinstance(rules, (list, tuple)) or tuple(rules) == (None,):
+            # ml_collections parses `--config.mesh.rules=None` into (None,).
+            raise ValueError(
+                f"invalid config field mesh.{name}={rules!r}; allowed: a tuple of {pair_form} "
+                f"pairs such as {example}, or () for no rules (--config.mesh.{name}='()' on the "
+                "command line)")
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+                raise ValueError(f"invalid config field mesh.{name}[{index}]={rule!r}; allowed: "
+                                 f"a {pair_form} pair")
+
+    for index, (pattern, axis) in enumerate(section.get("rules", ())):
+        rule = (pattern, axis)
         if axis is not None and axis not in MESH_AXES:
-            raise ValueError(f"invalid config field mesh.rules[{index}]={tuple(rule)!r}: unknown "
+            raise ValueError(f"invalid config field mesh.rules[{index}]={rule!r}: unknown "
                              f"mesh axis {axis!r}; allowed: {', '.join(MESH_AXES)} or None")
         try:
             re.compile(pattern)
         except (re.error, TypeError) as error:
-            raise ValueError(f"invalid config field mesh.rules[{index}]={tuple(rule)!r}: "
+            raise ValueError(f"invalid config field mesh.rules[{index}]={rule!r}: "
                              f"{pattern!r} is not a regular expression ({error})") from None
-    for index, rule in enumerate(section.get("logical_rules", ())):
-        if len(rule) != 2:
-            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={rule!r}; "
-                             "allowed: a (logical axis name, mesh axis or None) pair")
-        name, axis = rule
+    for index, (name, axis) in enumerate(section.get("logical_rules", ())):
+        rule = (name, axis)
         if name not in LOGICAL_AXIS_NAMES:
-            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={tuple(rule)!r}: "
+            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={rule!r}: "
                              f"unknown logical axis {name!r}; allowed: "
                              f"{', '.join(LOGICAL_AXIS_NAMES)}")
         if axis is not None and axis not in MESH_AXES:
-            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={tuple(rule)!r}: "
+            raise ValueError(f"invalid config field mesh.logical_rules[{index}]={rule!r}: "
                              f"unknown mesh axis {axis!r}; allowed: {', '.join(MESH_AXES)} or None")
-    return {DATA_AXIS: data, FSDP_AXIS: fsdp}
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> Mesh:

@@ -32,7 +32,7 @@ from flax import nnx
 
 import data
 from data.synthetic import SYNTHETIC_TASKS
-from training.config import default_training_config, set_field
+from training.config import check_field_paths, default_training_config, set_field
 from training.steps import bits_per_byte, eval_step, sequence_loss
 
 # `process_index` of the validation stream: no real process has it, so validation batches never
@@ -274,7 +274,8 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
     that architecture only. `variant` is "" or comma-separated names of `variants`, applied in
     order after the overrides of `variants[""]` (the CPU default), for example
     "transformer,tiny". The names "mamba" and "transformer" choose the architecture
-    (`default_architecture` when neither is given) before any override.
+    (`default_architecture` when neither is given) before any override. Two named variants that
+    set one field to different values raise ValueError, whatever their order.
     """
     names = [""] + [name for name in variant.split(",") if name]
     for name in names:
@@ -288,6 +289,8 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
                          f"({', '.join(architectures)}); allowed: one of "
                          f"{', '.join(ARCHITECTURES)}, or neither for {default_architecture}")
     architecture = architectures[-1] if architectures else default_architecture
+    overrides = {name: architecture_overrides(variants[name], architecture) for name in names}
+    check_variant_conflicts(overrides)
 
     config = default_training_config()
     # Generator in data.synthetic.SYNTHETIC_TASKS; "" trains on the text corpus instead.
@@ -300,16 +303,35 @@ def synthetic_task_config(task: str, task_options: dict[str, Any], variant: str,
 
     for name in names:
         try:
-            for dotted, value in variants[name].items():
-                if dotted in ARCHITECTURES:
-                    # A nested dict of overrides for one architecture only.
-                    for nested, nested_value in (value.items() if dotted == architecture else ()):
-                        set_field(config, nested, nested_value)
-                else:
-                    set_field(config, dotted, value)
+            check_field_paths(config, list(overrides[name]))
         except ValueError as error:
             raise ValueError(f"config variant {name!r} does not apply to the {architecture} "
                              f"model: {error}") from None
+        for dotted, value in overrides[name].items():
+            set_field(config, dotted, value, source=f"config variant {name!r}")
     config.lock()
     validate_task_config(config)
     return config
+
+
+def architecture_overrides(overrides: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """Return a variant's dotted-path overrides for `architecture`: its own, and those nested
+    under the architecture's name, which replace them."""
+    flat = {dotted: value for dotted, value in overrides.items() if dotted not in ARCHITECTURES}
+    return {**flat, **overrides.get(architecture, {})}
+
+
+def check_variant_conflicts(overrides: dict[str, dict[str, Any]]) -> None:
+    """Raise ValueError naming both variants, the field and both values when two named variants
+    set one field to different values. The base variant "" is meant to be overridden."""
+    first_setter: dict[str, tuple[str, Any]] = {}
+    for name, fields in overrides.items():
+        if name == "":
+            continue
+        for dotted, value in fields.items():
+            first_name, first_value = first_setter.setdefault(dotted, (name, value))
+            if first_value != value:
+                raise ValueError(
+                    f"config variants {first_name!r} and {name!r} set {dotted} to different "
+                    f"values, {first_value!r} and {value!r}; allowed: one of the two variants, "
+                    f"and --config.{dotted}=VALUE to set the field")
