@@ -136,7 +136,8 @@ def unigram_entropy_bits(tokens: np.ndarray) -> float:
         counts[:len(chunk_counts)] += chunk_counts
 
     probabilities = counts[counts > 0] / tokens.size
-    return float(-(probabilities * np.log2(probabilities)).sum())
+    # Subtracting from 0 gives 0.0 rather than -0.0 for a single distinct token.
+    return float(0.0 - (probabilities * np.log2(probabilities)).sum())
 
 
 # ---- input checks
