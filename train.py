@@ -67,11 +67,19 @@ def parse_flags(argv: list[str]) -> list[str]:
             overrides = [arg[len("--config."):].split("=", 1)[0]
                          for arg in argv if arg.startswith("--config.")]
             config_lib.check_field_paths(config, overrides)
-        remaining = flags.FLAGS(argv)
+        # ml_collections cannot parse None for a typed field (`--config.model.ffn_dim=None`,
+        # "use the default"), so those overrides are set after parsing.
+        none_overrides = [arg[len("--config."):-len("=None")] for arg in argv
+                          if arg.startswith("--config.") and arg.endswith("=None")]
+        remaining = flags.FLAGS([arg for arg in argv if not (
+            arg.startswith("--config.") and arg.endswith("=None"))])
         if len(remaining) > 1:
             raise ValueError(f"unexpected arguments: {' '.join(remaining[1:])}; every setting "
                              "is a --flag")
         if _CONFIG.value is not None:
+            for dotted in none_overrides:
+                config_lib.set_field(_CONFIG.value, dotted, None,
+                                     source=f"--config.{dotted}=None")
             config_lib.check_config_fields(_CONFIG.value)
         return remaining
     except (ValueError, flags.Error) as error:

@@ -166,8 +166,7 @@ def check_mesh_rules(section: ml_collections.ConfigDict) -> None:
     """
     for name, (pair_form, example) in RULE_FORMS.items():
         rules = section.get(name, ())
-        if not isinstance(rules, (list, tuple)) or tuple(rules) == (None,):
-            # ml_collections parses `--config.mesh.rules=None` into (None,).
+        if not isinstance(rules, (list, tuple)):
             raise ValueError(
                 f"invalid config field mesh.{name}={rules!r}; allowed: a tuple of {pair_form} "
                 f"pairs such as {example}, or () for no rules (--config.mesh.{name}='()' on the "
