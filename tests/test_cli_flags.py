@@ -818,3 +818,16 @@ def test_train_command_sets_none_override(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["ffn_dim"] is None
+
+
+def test_config_file_misspelt_field_rejected(tmp_path):
+    path = edited_config(tmp_path, MAMBA_RETURN, "    config.train.num_setps = 5\n" + MAMBA_RETURN)
+
+    result = run_train(tmp_path, f"--config={path}:tiny")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "unknown config field(s) train.num_setps; allowed fields of train: checkpoint_every, "
+        "eval_batches, eval_every, keep_checkpoints, log_every, log_first_steps, num_steps, "
+        "probes, seed")
+    assert not (tmp_path / "run").exists()

@@ -294,6 +294,13 @@ def check_config_fields(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"missing config field {dotted}; get_config must keep every "
                                  "field of training.config.default_training_config, and this "
                                  f"one defaults to {default!r}")
+        # A misspelt field in a config file would otherwise be ignored without notice.
+        allowed = sorted(set(defaults) | {dotted.split(".")[1] for dotted in TASK_FIELD_TYPES
+                                          if dotted.startswith(section + ".")})
+        unknown = [f"{section}.{name}" for name in sorted(set(config[section]) - set(allowed))]
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; allowed fields of "
+                             f"{section}: {', '.join(allowed)}")
 
     for section in config.keys():
         for name, value in config[section].items():
