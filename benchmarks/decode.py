@@ -1,6 +1,6 @@
 """Decode throughput and cache memory against context length: Mamba against a Transformer.
 
-    python -m benchmarks.decode                   # defaults: several minutes on a 2-core CPU
+    python -m benchmarks.decode                   # defaults: under 10 minutes on a 2-core CPU
     python -m benchmarks.decode --contexts=256,4096,65536,262144 --batch_sizes=1,64 \\
         --d_model=768 --num_layers=24 --new_tokens=256
 
