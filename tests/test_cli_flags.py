@@ -733,13 +733,16 @@ def test_text_config_takes_one_variant():
                                  "'medium'")
 
 
-def test_model_variants_need_training_variant():
-    with pytest.raises(ValueError, match=re.escape(
-            "model variant 'huge' has no training variant of that name; allowed: '', 'tiny'")):
-        config_lib.with_training_variants({"huge": {"model.d_model": 2048}})
-    with pytest.raises(ValueError, match=re.escape(
-            "model variant 'tiny' sets data.seq_len; allowed: model.* fields only")):
-        config_lib.with_training_variants({"tiny": {"data.seq_len": 64}})
+def test_file_variants_merge_with_training_variants():
+    # A user's copy of a config may add a variant of its own, or set training fields in one.
+    variants = config_lib.with_training_variants({"tiny": {"model.d_model": 8,
+                                                           "data.seq_len": 64},
+                                                  "huge": {"model.d_model": 2048}})
+
+    assert variants["tiny"] == {**config_lib.TRAINING_VARIANTS["tiny"], "model.d_model": 8,
+                                "data.seq_len": 64}
+    assert variants["huge"] == {"model.d_model": 2048}
+    assert variants["small"] == config_lib.TRAINING_VARIANTS["small"]
 
 
 # Each command stops before the workdir is made: with exit status 2 and the message of

@@ -135,22 +135,15 @@ TRAINING_VARIANTS = {
 
 def with_training_variants(model_variants: Mapping[str, Mapping[str, Any]]
                            ) -> dict[str, dict[str, Any]]:
-    """Return `TRAINING_VARIANTS` with each variant's model overrides from `model_variants` added.
+    """Return `TRAINING_VARIANTS` merged with a config file's own variants.
 
-    Raises ValueError for a variant name that `TRAINING_VARIANTS` lacks, or a field outside the
-    `model` section, either of which would otherwise be dropped or win without notice.
+    A variant's own overrides (usually `model.*` fields) win over the training overrides of the
+    same name, and a variant that `TRAINING_VARIANTS` lacks gets no training overrides.
     """
-    for name, overrides in model_variants.items():
-        if name not in TRAINING_VARIANTS:
-            allowed = ", ".join(repr(key) for key in TRAINING_VARIANTS)
-            raise ValueError(f"model variant {name!r} has no training variant of that name; "
-                             f"allowed: {allowed}")
-        outside = [dotted for dotted in overrides if not dotted.startswith("model.")]
-        if outside:
-            raise ValueError(f"model variant {name!r} sets {', '.join(outside)}; allowed: model.* "
-                             "fields only (training fields belong in TRAINING_VARIANTS)")
-    return {name: {**overrides, **model_variants.get(name, {})}
-            for name, overrides in TRAINING_VARIANTS.items()}
+    names = list(TRAINING_VARIANTS) + [name for name in model_variants
+                                       if name not in TRAINING_VARIANTS]
+    return {name: {**TRAINING_VARIANTS.get(name, {}), **model_variants.get(name, {})}
+            for name in names}
 
 
 def apply_variant(config: ml_collections.ConfigDict, variant: str,
