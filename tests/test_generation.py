@@ -140,23 +140,11 @@ class CountingModel(nnx.Module):
         return self._logits(tokens_b), cache
 
 
-class UniformModel(nnx.Module):
+class UniformModel(CountingModel):
     """Model that gives every token the same logit at every position."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
 
     def _logits(self, tokens):
         return jnp.zeros(tokens.shape + (self.vocab_size,))
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.zeros((batch_size,), jnp.int32)
-
-    def prefill(self, tokens_bt, cache, *, mask=None):
-        return self._logits(tokens_bt), cache
-
-    def step(self, tokens_b, cache):
-        return self._logits(tokens_b), cache
 
 
 # ---------------------------------------------------------------------------------------------

@@ -877,6 +877,39 @@ def test_ctrl_c_while_starting(tmp_path):
     assert not any((workdir / checkpoint.CHECKPOINT_DIR).glob("[0-9]*"))
 
 
+# A Ctrl-C that arrives inside a garbage-collection callback while the run starts: Python
+# ignores the KeyboardInterrupt raised there.
+CTRL_C_IN_GC_SCRIPT = """
+import gc, signal, sys
+import training.loop as loop
+from tests.test_train import tiny_config
+start_run = loop._start_run
+def interrupt_in_gc(phase, info):
+    gc.callbacks.remove(interrupt_in_gc)
+    signal.raise_signal(signal.SIGINT)
+def start_with_lost_interrupt(*args):
+    gc.callbacks.append(interrupt_in_gc)
+    gc.collect()
+    return start_run(*args)
+loop._start_run = start_with_lost_interrupt
+try:
+    loop.train_and_evaluate(tiny_config(sys.argv[1], train__num_steps=3), sys.argv[2])
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_lost_in_gc_still_stops(corpus_file, tmp_path):
+    workdir = tmp_path / "run"
+    process = run_python(["-c", CTRL_C_IN_GC_SCRIPT, str(corpus_file), str(workdir)])
+    output, _ = process.communicate(timeout=240)
+
+    assert process.returncode == 130, output
+    metrics = workdir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert not any((workdir / checkpoint.CHECKPOINT_DIR).glob("[0-9]*"))
+
+
 @pytest.mark.parametrize("content", ["{'step': 1", "[1, 2]", "\udcff"])
 def test_corrupt_saved_config_names_the_file(tmp_path, content):
     workdir = tmp_path / "run"

@@ -67,6 +67,34 @@ class StopSignal:
             signal.signal(signum, handler)
 
 
+class StartupInterrupt:
+    """Raise KeyboardInterrupt for Ctrl-C while a run starts, and again on exit if it was lost.
+
+    Python ignores an exception raised inside a garbage-collection callback, so a Ctrl-C that
+    lands in one would let the run go on; leaving the block raises it again in that case.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "StartupInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if exc_type is None and self.received:
+            raise KeyboardInterrupt
+
+
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Create `workdir` if needed and check that files can be written there."""
     if not str(workdir).strip():
@@ -192,6 +220,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train_in_workdir(config: ml_collections.ConfigDict, workdir: Path, is_writer: bool,
                       num_processes: int) -> TrainState:
     """Run `train_and_evaluate` once the workdir is checked (and locked by process 0)."""
+    setup = None
+    try:
+        with StartupInterrupt():
+            setup = _start_run(config, workdir, is_writer, num_processes)
+    except KeyboardInterrupt:
+        if setup is not None:  # A lost Ctrl-C, raised again once the set-up had finished.
+            _, _, _, manager, writer, _ = setup
+            writer.close()
+            manager.close()
+        raise
+    return _train(config, workdir, is_writer, *setup)
+
+
+def _start_run(config, workdir, is_writer, num_processes):
+    """Load the data, build the state, restore the latest checkpoint and open the metrics."""
     source = load_data_source(config)
     if (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
         has_checkpoint = any(entry.name.isdigit()
@@ -218,6 +261,11 @@ def _train_in_workdir(config: ml_collections.ConfigDict, workdir: Path, is_write
         checkpoint.save_config(workdir, config)
 
     writer = MetricsWriter(workdir, enabled=is_writer)
+    return source, mesh, state, manager, writer, start_step
+
+
+def _train(config, workdir, is_writer, source, mesh, state, manager, writer, start_step):
+    """Run the training loop and the last save, with `StopSignal` handling SIGTERM and SIGINT."""
     # The handlers stay installed until the last asynchronous save is complete and the files are
     # closed, so that a signal at the end of the run cannot cut the save short.
     with StopSignal() as stop:
