@@ -70,8 +70,8 @@ class StopSignal:
 class StartupInterrupt:
     """Raise KeyboardInterrupt for Ctrl-C while a run starts, and again on exit if it was lost.
 
-    Python ignores an exception raised inside a garbage-collection callback, so a Ctrl-C that
-    lands in one would let the run go on; leaving the block raises it again in that case.
+    Python ignores an exception raised inside a garbage-collection callback. A Ctrl-C that lands
+    in one would let the run go on, so leaving the block raises it again.
     """
 
     def __init__(self):
