@@ -899,7 +899,7 @@ except KeyboardInterrupt:
 """
 
 
-def test_ctrl_c_lost_in_gc_still_stops(corpus_file, tmp_path):
+def test_ctrl_c_lost_in_gc_stops(corpus_file, tmp_path):
     workdir = tmp_path / "run"
     process = run_python(["-c", CTRL_C_IN_GC_SCRIPT, str(corpus_file), str(workdir)])
     output, _ = process.communicate(timeout=240)
