@@ -16,6 +16,7 @@ processes find each other from the cluster's variables; elsewhere add
 import re
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -62,29 +63,77 @@ def parse_flags(argv: list[str]) -> list[str]:
     one becomes a single message and exit status 2.
     """
     try:
+        config = None
         for spec in _flag_values(argv, "config"):
             config = config_lib.load_config_file(spec)
             overrides = [arg[len("--config."):].split("=", 1)[0]
                          for arg in argv if arg.startswith("--config.")]
             config_lib.check_field_paths(config, overrides)
-        # ml_collections cannot parse None for a typed field (`--config.model.ffn_dim=None`,
-        # "use the default"), so those overrides are set after parsing.
-        none_overrides = [arg[len("--config."):-len("=None")] for arg in argv
-                          if arg.startswith("--config.") and arg.endswith("=None")]
-        remaining = flags.FLAGS([arg for arg in argv if not (
-            arg.startswith("--config.") and arg.endswith("=None"))])
+        late_overrides, passed = _late_overrides(argv, config)
+        remaining = flags.FLAGS(passed)
         if len(remaining) > 1:
             raise ValueError(f"unexpected arguments: {' '.join(remaining[1:])}; every setting "
                              "is a --flag")
         if _CONFIG.value is not None:
-            for dotted in none_overrides:
-                config_lib.set_field(_CONFIG.value, dotted, None,
-                                     source=f"--config.{dotted}=None")
+            for dotted, text in late_overrides.items():
+                _set_late_override(_CONFIG.value, dotted, text)
             config_lib.check_config_fields(_CONFIG.value)
         return remaining
     except (ValueError, flags.Error) as error:
         sys.stderr.write(f"train.py: invalid flags: {_flag_error_message(error)}\n")
         sys.exit(2)
+
+
+def _late_overrides(argv: list[str], config: ml_collections.ConfigDict | None
+                    ) -> tuple[dict[str, str], list[str]]:
+    """Split off the `--config.FIELD=VALUE` overrides that train.py sets after parsing.
+
+    ml_collections cannot parse None for a typed field (`--config.model.ffn_dim=None`, "use the
+    default"), and it parses a float field that a config file set to an integer
+    (`rope_base = 10000`) as an integer. Those overrides are set after parsing. As on the
+    command line, the last override of a field wins. Returns {field: value text} and the
+    arguments left for absl.
+    """
+    late, passed = {}, []
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            dotted, text = arg[len("--config."):].split("=", 1)
+            if text == "None" or (config is not None and _is_float_holding_int(config, dotted)):
+                late[dotted] = text
+                continue
+            late.pop(dotted, None)
+        passed.append(arg)
+    return late, passed
+
+
+def _is_float_holding_int(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, ml_collections.ConfigDict) or part not in value:
+            return False
+        value = value[part]
+    kinds = config_lib.expected_type(config, dotted) or ()
+    return (float in kinds and int not in kinds and isinstance(value, int)
+            and not isinstance(value, bool))
+
+
+def _set_late_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Set an override split off by `_late_overrides`."""
+    if text == "None":
+        config_lib.set_field(config, dotted, None, source=f"--config.{dotted}=None")
+        return
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"flag --config.{dotted}={text}: expected a number, got {text!r}"
+                         ) from None
+    *parents, name = dotted.split(".")
+    section = config
+    for part in parents:
+        section = section[part]
+    # The config file's integer fixed the field's type; the field's own type is float.
+    with section.ignore_type():
+        section[name] = value
 
 
 def _flag_error_message(error: Exception) -> str:

@@ -493,9 +493,9 @@ MAMBA_CONFIG = REPO / "configs" / "mamba_lm.py"
 MAMBA_RETURN = "    return apply_variant(config, variant, VARIANTS)"
 
 
-def edited_config(tmp_path: Path, old: str, new: str) -> Path:
-    """Write a copy of configs/mamba_lm.py with `old` replaced by `new`, as a user would edit it."""
-    text = MAMBA_CONFIG.read_text(encoding="utf-8")
+def edited_config(tmp_path: Path, old: str, new: str, source: Path = MAMBA_CONFIG) -> Path:
+    """Write a copy of `source` with `old` replaced by `new`, as a user would edit it."""
+    text = source.read_text(encoding="utf-8")
     assert text.count(old) == 1, old
     path = tmp_path / "edited_config.py"
     path.write_text(text.replace(old, new), encoding="utf-8")
@@ -821,6 +821,56 @@ def test_train_command_sets_none_override(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["ffn_dim"] is None
+
+
+def parsed_train_config(*arguments: str) -> dict:
+    """Return the config that train.py's flag parsing makes of `arguments`, as a dict."""
+    code = "import sys, train; train.parse_flags(sys.argv); print(train._CONFIG.value.to_json())"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *arguments, "--workdir=unused"], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("first, last, expected", [("None", "64", 64), ("64", "None", None)])
+def test_last_override_of_a_field_wins(first, last, expected):
+    config = parsed_train_config("--config=configs/transformer_lm.py:tiny",
+                                 f"--config.model.ffn_dim={first}", "--config.model.d_model=48",
+                                 f"--config.model.ffn_dim={last}")
+    assert config["model"]["ffn_dim"] == expected
+    assert config["model"]["d_model"] == 48
+
+
+def test_float_field_written_as_integer_takes_float_override(tmp_path):
+    # A fresh ConfigDict field takes the type of its first value, so `rope_base = 10000` in a
+    # user's config file made ml_collections parse the override as an integer.
+    path = edited_config(tmp_path, "config.model.rope_base = 10000.0",
+                         "config.model.rope_base = 10000",
+                         source=REPO / "configs" / "transformer_lm.py")
+
+    config = parsed_train_config(f"--config={path}:tiny", "--config.model.rope_base=5e5")
+    assert config["model"]["rope_base"] == 500000.0
+
+    result = run_train(tmp_path, f"--config={path}:tiny", "--config.model.rope_base=fast")
+    assert result.returncode == 2
+    assert result.stderr == ("train.py: invalid flags: flag --config.model.rope_base=fast: "
+                             "expected a number, got 'fast'\n")
+
+
+def test_config_path_with_colon_is_explained(tmp_path):
+    folder = tmp_path / "runs:2026"
+    folder.mkdir()
+    path = folder / "config.py"
+    path.write_text(MAMBA_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    for spec in (str(path), f"{path}:tiny"):
+        with pytest.raises(ValueError) as raised:
+            load_config_file(spec)
+        assert str(raised.value) == (
+            f"config file {str(tmp_path / 'runs')!r} not found: the first ':' in {spec!r} starts "
+            "the variant, so the file's path cannot contain ':'; move or link the file to a path "
+            "without ':'")
 
 
 def test_config_file_misspelt_field_rejected(tmp_path):

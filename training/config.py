@@ -180,7 +180,7 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any, *,
         section[name] = value
     except TypeError:
         current = section[name]
-        expected = _expected_type(config, dotted)
+        expected = expected_type(config, dotted)
         raise ValueError(
             f"invalid config field {dotted}={current!r} ({type(current).__name__}): {source} "
             f"sets it to {value!r} ({type(value).__name__}); expected "
@@ -233,7 +233,7 @@ def _model_field_types(architecture: str) -> dict[str, tuple[type, ...]]:
     return field_types
 
 
-def _expected_type(config: ml_collections.ConfigDict, dotted: str) -> tuple[type, ...] | None:
+def expected_type(config: ml_collections.ConfigDict, dotted: str) -> tuple[type, ...] | None:
     """Return the types allowed for the field `dotted` ("data.seq_len"), or None if unknown.
 
     A training field takes the type of its default in `default_training_config`, except the
@@ -298,7 +298,7 @@ def check_config_fields(config: ml_collections.ConfigDict) -> None:
     for section in config.keys():
         for name, value in config[section].items():
             dotted = f"{section}.{name}"
-            kinds = _expected_type(config, dotted)
+            kinds = expected_type(config, dotted)
             if kinds is not None and not _has_type(value, kinds):
                 raise ValueError(f"invalid config field {dotted}={value!r}; allowed: "
                                  f"{_types_description(kinds)}")
@@ -446,6 +446,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     helpers (an unknown variant) keep their own message.
     """
     path, colon, variant = spec.partition(":")
+    if not os.path.isfile(path) and any(os.path.isfile(candidate)
+                                        for candidate in (spec, spec.rpartition(":")[0])):
+        raise ValueError(f"config file {path!r} not found: the first ':' in {spec!r} starts the "
+                         "variant, so the file's path cannot contain ':'; move or link the file "
+                         "to a path without ':'")
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} not found; pass --config=configs/NAME.py[:VARIANT]")
     if not path.endswith(".py"):
