@@ -131,7 +131,7 @@ def _set_late_override(config: ml_collections.ConfigDict, dotted: str, text: str
     section = config
     for part in parents:
         section = section[part]
-    # The config file's integer fixed the field's type; the field's own type is float.
+    # The config file's integer made ml_collections type the field as int, but the model takes a float.
     with section.ignore_type():
         section[name] = value
 
