@@ -131,7 +131,8 @@ def _set_late_override(config: ml_collections.ConfigDict, dotted: str, text: str
     section = config
     for part in parents:
         section = section[part]
-    # The config file's integer made ml_collections type the field as int, but the model takes a float.
+    # The config file's integer made ml_collections type the field as int, but the field is a
+    # float field of the model or training config.
     with section.ignore_type():
         section[name] = value
 
