@@ -12,6 +12,7 @@ import math
 import functools
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from models.registry import build_model, count_parameters
 from training import checkpoint, load_run, train_and_evaluate
 from training.config import validate_config
 from training.loop import TrainingDivergedError, initial_train_state
-from training.metrics import read_metrics
+from training.metrics import QuietLibraries, read_metrics
 from training.optimizer import learning_rate_schedule, weight_decay_mask
 from training.sharding import data_mesh
 from training.steps import create_train_state, eval_step, train_step
@@ -708,6 +709,60 @@ def test_unreadable_checkpoint_names_earlier_step(corpus_file, tmp_path):
     with pytest.raises(ValueError, match=missing):
         load_run(workdir, step=3)
     assert checkpoint_listing(workdir) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_failed_save_names_kept_checkpoint(corpus_file, trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    before = checkpoint_listing(workdir)
+    config = tiny_config(corpus_file, train__num_steps=8)
+    # A file size limit fails the write of the checkpoint data (about 200 KB), as a full disk
+    # does, and leaves the small metrics and TensorBoard files alone.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))
+    try:
+        with pytest.raises(ValueError) as raised:
+            train_and_evaluate(config, workdir)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+
+    message = str(raised.value)
+    assert message.startswith(f"failed to save a checkpoint in {workdir / 'checkpoints'} (")
+    assert message.endswith("); the checkpoint of step 4 is complete and kept. Fix the cause and "
+                            "run the same command to resume.")
+    assert "\n" not in message
+    assert {path: time for path, time in checkpoint_listing(workdir).items()
+            if path.startswith("4")} == before
+    assert int(train_and_evaluate(config, workdir).step) == 8
+
+
+def library_record(pathname: str, level: int, error: Exception | None = None) -> logging.LogRecord:
+    exc_info = (type(error), error, error.__traceback__) if error is not None else None
+    return logging.LogRecord("absl", level, pathname, 1, "save of %s failed", ("step 20",),
+                             exc_info)
+
+
+def test_library_errors_shortened_to_one_line():
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing\nsecond line")
+    except ValueError as error:
+        raised = error
+    quiet = QuietLibraries()
+    formatter = logging.Formatter("%(message)s")
+
+    orbax_error = library_record("/venv/orbax/checkpoint/manager.py", logging.ERROR, raised)
+    assert quiet.filter(orbax_error)
+    assert formatter.format(orbax_error) == ("save of step 20 failed (ValueError: "
+                                             "RESOURCE_EXHAUSTED: Error writing)")
+
+    own_error = library_record("/repo/training/loop.py", logging.ERROR, raised)
+    assert quiet.filter(own_error)
+    assert "Traceback" in formatter.format(own_error)
+
+    assert not quiet.filter(library_record("/venv/jax/_src/x.py", logging.INFO))
+    assert quiet.filter(library_record("/venv/jax/_src/x.py", logging.WARNING))
+    assert quiet.filter(library_record("/repo/training/loop.py", logging.INFO))
 
 
 def test_workdir_in_use_is_rejected(corpus_file, trained_workdir, tmp_path):

@@ -75,12 +75,50 @@ def _saved_tree(state: TrainState) -> dict[str, Any]:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> int:
-    """Save `state` under its step (unless a checkpoint of that step exists); return the step."""
+    """Start saving `state` under its step (unless a checkpoint of that step exists); return the
+    step.
+
+    The save runs in the background. Raises ValueError if this save or the one before it fails.
+    """
     step = int(jax.device_get(state.step))
     if step not in manager.all_steps():
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saved_tree(state))))
+        with _reporting_save_errors(manager):
+            manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_saved_tree(state))))
     return step
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait until the background save is complete; raise ValueError if it failed."""
+    with _reporting_save_errors(manager):
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _reporting_save_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Turn a failed save (a full disk, a folder removed) into one ValueError naming its cause
+    and the last complete checkpoint."""
+    try:
+        yield
+    except Exception as error:  # TensorStore and orbax raise several types for failed writes.
+        folder = Path(manager.directory)
+        complete = sorted(int(entry.name) for entry in folder.iterdir()
+                          if entry.is_dir() and entry.name.isdigit()) if folder.is_dir() else []
+        kept = (f"the checkpoint of step {complete[-1]} is complete and kept"
+                if complete else "no checkpoint is complete")
+        raise ValueError(f"failed to save a checkpoint in {folder} ({_root_reason(error)}); "
+                         f"{kept}. Fix the cause and run the same command to resume."
+                         ) from error
+
+
+def _root_reason(error: Exception) -> str:
+    """Return the first line of the innermost cause of `error`, which names the failed file."""
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    reason = (str(root).strip() or type(root).__name__).splitlines()[0]
+    # TensorStore appends its whole JSON spec (thousands of characters) to the reason.
+    return reason.split(" [tensorstore_spec", 1)[0]
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
@@ -109,14 +147,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, template: TrainState,
         earlier = [saved for saved in manager.all_steps() if saved < step]
         fallback = (f"move that folder out of the workdir to resume from step {max(earlier)}"
                     if earlier else "there is no earlier checkpoint; start a new workdir")
-        root = error
-        while root.__cause__ is not None:  # The innermost error names the unreadable file.
-            root = root.__cause__
-        reason = (str(root).strip() or type(root).__name__).splitlines()[0]
-        # TensorStore appends its whole JSON spec (thousands of characters) to the reason.
-        reason = reason.split(" [tensorstore_spec", 1)[0]
         folder = Path(manager.directory) / str(step)
-        raise ValueError(f"failed to read the checkpoint of step {step} in {folder} ({reason}); "
+        raise ValueError(f"failed to read the checkpoint of step {step} in {folder} "
+                         f"({_root_reason(error)}); "
                          f"{fallback}") from error
     return template.replace(step=restored["step"], params=restored["params"],
                             rest=restored["rest"], opt_state=restored["opt_state"])

@@ -271,7 +271,7 @@ def _train(config, workdir, is_writer, source, mesh, state, manager, writer, sta
     with StopSignal() as stop:
         try:
             state = _run_steps(config, state, source, mesh, manager, writer, stop, workdir)
-            manager.wait_until_finished()
+            checkpoint.wait_for_saves(manager)
             if stop.received is not None:
                 logging.info("received %s: saved the checkpoint of step %d and stopped",
                              stop.received, int(jax.device_get(state.step)))

@@ -113,9 +113,22 @@ def progress_line(step: int, num_steps: int, metrics: dict[str, float],
 
 
 class QuietLibraries(logging.Filter):
-    """Drop INFO records of orbax and JAX (a dozen lines per checkpoint), keep warnings."""
+    """Drop INFO records of orbax and JAX (a dozen lines per checkpoint), keep warnings, and
+    shorten their errors to one line each.
+
+    A failed checkpoint save makes orbax log the same exception from four threads, with a
+    traceback of about 40 lines each. The caller reports that error itself, so the library's
+    records keep their message and the exception's first line, without the traceback.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
+        if noisy and record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {reason})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
         return record.levelno >= logging.WARNING or not noisy
 
