@@ -6,7 +6,8 @@ runs `probe_metrics` on a fixed batch of the bigram task and adds to the "val" r
 
   probe/loss_in_context        mean loss at repeated triggers, whose output is copied from context
   probe/loss_global_bigram     mean loss where the next token follows the global bigram
-  probe/layer{l}_head{h}_previous_token   attention to the previous token (1.0 = always)
+  probe/layer{l}_head{h}_previous_token   attention to the previous token from the positions
+                                          right after a trigger (1.0 = all of it)
   probe/layer{l}_head{h}_induction        attention from a repeated trigger to the tokens that
                                           followed its earlier occurrences (1.0 = all of it)
   probe/layer{l}_head{h}_memory_recall    Transformer only: fraction of tokens k for which the
@@ -145,8 +146,13 @@ def probe_metrics(model: nnx.Module, source, step: int, workdir: str | os.PathLi
                "probe/loss_global_bigram": float(losses["global_bigram"])}
 
     maps = attention_maps(model, tokens_bt[:MAP_BATCH_SIZE])
+    # As in Bietti et al., the previous-token score counts the positions right after a trigger,
+    # where the induction mechanism needs it: there the first layer writes the trigger into the
+    # output token's position, which the second layer's head later finds.
+    after_trigger_bt = np.zeros_like(batch["global_bigram_mask"][:MAP_BATCH_SIZE])
+    after_trigger_bt[:, 1:] = ~batch["global_bigram_mask"][:MAP_BATCH_SIZE, :-1]
     for layer, weights_bhts in enumerate(maps):
-        previous = previous_token_score(weights_bhts)
+        previous = previous_token_score(weights_bhts, query_mask_bt=after_trigger_bt)
         induction = induction_score(weights_bhts, batch["inputs"][:MAP_BATCH_SIZE],
                                     query_mask_bt=batch["in_context_mask"][:MAP_BATCH_SIZE])
         for head in range(weights_bhts.shape[1]):

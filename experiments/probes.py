@@ -17,17 +17,30 @@ def _check_attention(attention_bhts: np.ndarray) -> np.ndarray:
     return attention_bhts
 
 
-def previous_token_score(attention_bhts: np.ndarray) -> np.ndarray:
+def previous_token_score(attention_bhts: np.ndarray,
+                         query_mask_bt: np.ndarray | None = None) -> np.ndarray:
     """Return per head the mean attention A[t, t - 1] over the batch and positions t >= 1.
 
-    A head that always attends to the previous token scores 1.0.
+    With `query_mask_bt` (b, t), only the positions t where it is True count (for example, the
+    positions right after a trigger). A head that always attends to the previous token scores 1.0.
     """
     attention_bhts = _check_attention(attention_bhts)
-    seq_len = attention_bhts.shape[2]
+    batch_size, _, seq_len, _ = attention_bhts.shape
     if seq_len < 2:
         raise ValueError(f"previous_token_score needs sequences of length >= 2, got {seq_len}")
     positions = np.arange(1, seq_len)
-    return attention_bhts[:, :, positions, positions - 1].mean(axis=(0, 2))
+    previous_bht = attention_bhts[:, :, positions, positions - 1]
+    if query_mask_bt is None:
+        return previous_bht.mean(axis=(0, 2))
+    query_mask_bt = np.asarray(query_mask_bt, dtype=bool)
+    if query_mask_bt.shape != (batch_size, seq_len):
+        raise ValueError(f"query_mask must have shape {(batch_size, seq_len)}, "
+                         f"got {query_mask_bt.shape}")
+    queries_bt = query_mask_bt[:, 1:]
+    if not queries_bt.any():
+        raise ValueError("previous_token_score found no query position t >= 1 in query_mask")
+    return np.einsum("bht,bt->h", previous_bht, queries_bt.astype(previous_bht.dtype)) / (
+        queries_bt.sum())
 
 
 def induction_score(attention_bhts: np.ndarray, tokens_bt: np.ndarray,

@@ -47,7 +47,7 @@ def load_config(name: str, variant: str = "tiny"):
 DEFAULT_CASES = {("induction_heads", "mamba"), ("induction_heads", "transformer"),
                  ("selective_copying", "nonselective"), ("birth_transformer", "attention_only"),
                  ("birth_transformer", "frozen_embeddings"),
-                 ("birth_transformer", "frozen_first_layer")}
+                 ("birth_transformer", "frozen_first_layer"), ("birth_transformer", "simplified")}
 
 
 def variant_cases():
@@ -108,6 +108,19 @@ def test_variant_changes_what_it_names():
     params = fresh_state(attention_only).params
     assert "feed_forward" not in params["blocks"][0]
     assert "feed_forward" in fresh_state(load_config("birth_transformer")[1]).params["blocks"][0]
+
+
+def test_simplified_variant_trains_queries_keys_and_second_output():
+    _, config = load_config("birth_transformer", "simplified,tiny")
+    params = fresh_state(config).params
+    labels = frozen_labels(params, config.optimizer.frozen_parameters)
+    trained = {"/".join(str(key.key) for key in path[:-1])
+               for path, label in jax.tree_util.tree_leaves_with_path(labels)
+               if label != "frozen" and "norm" not in str(path)}
+    assert trained == {"blocks/0/attention/query_proj", "blocks/0/attention/key_proj",
+                       "blocks/1/attention/query_proj", "blocks/1/attention/key_proj",
+                       "blocks/1/attention/out_proj"}
+    assert config.model.attention_only
 
 
 def test_nonselective_transformer_variant_names_field():
@@ -434,6 +447,28 @@ def test_mamba_probes_use_one_implicit_head_per_layer(tmp_path):
         assert f"probe/layer{layer}_head0_memory_recall" not in metrics
     maps = np.load(tmp_path / birth.ATTENTION_MAP_DIR / "step_000000.npz")
     np.testing.assert_allclose(maps["layer0"].sum(axis=-1), 1.0, rtol=1e-4)
+
+
+def test_previous_token_probe_counts_positions_after_triggers(tmp_path, monkeypatch):
+    # A head that attends to the previous token only right after a trigger, and to itself
+    # elsewhere, is a complete previous-token head in the sense of Bietti et al.
+    _, config = load_config("birth_transformer", "tiny")
+    source = TaskData(config)
+    batch = birth.probe_batch(source)
+    triggers = set(np.unique(batch["inputs"][~batch["global_bigram_mask"]]))
+    tokens_bt = batch["inputs"][:birth.MAP_BATCH_SIZE]
+    seq_len = tokens_bt.shape[1]
+    weights_bhts = np.zeros((len(tokens_bt), 1, seq_len, seq_len))
+    for b, tokens in enumerate(tokens_bt):
+        for t in range(seq_len):
+            after_trigger = t >= 1 and tokens[t - 1] in triggers
+            weights_bhts[b, 0, t, t - 1 if after_trigger else t] = 1.0
+    monkeypatch.setattr(birth, "attention_maps", lambda model, tokens: [weights_bhts] * 2)
+
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    metrics = birth.probe_metrics(model, source, 0, tmp_path, is_writer=False)
+    assert metrics["probe/layer0_head0_previous_token"] == 1.0
+    assert metrics["probe/layer1_head0_previous_token"] == 1.0
 
 
 def test_transition_step_finds_half_drop():

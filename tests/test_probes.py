@@ -105,6 +105,21 @@ def test_induction_score_respects_query_mask():
     assert induction_score(attention, tokens)[0] == pytest.approx((1.0 + 1.0 / 6) / 2)
 
 
+def test_previous_token_score_respects_query_mask():
+    # Query 2 attends to position 1 only, every other query uniformly over its past.
+    attention = uniform_causal_head(1, 5)
+    attention[0, 0, 2] = 0.0
+    attention[0, 0, 2, 1] = 1.0
+    after_trigger = np.array([[False, False, True, False, True]])
+
+    # Queries 2 and 4: weights 1 and 1/5 on the previous position.
+    assert previous_token_score(attention, after_trigger)[0] == pytest.approx((1.0 + 0.2) / 2)
+    # Queries 1..4 without the mask: 1/2, 1, 1/4 and 1/5.
+    assert previous_token_score(attention)[0] == pytest.approx((0.5 + 1.0 + 0.25 + 0.2) / 4)
+    with pytest.raises(ValueError, match="no query position"):
+        previous_token_score(attention, np.array([[True, False, False, False, False]]))
+
+
 def test_induction_score_rejects_sequences_without_repeats():
     tokens = np.arange(8)[None, :]
     with pytest.raises(ValueError, match="no query position"):
