@@ -40,7 +40,10 @@ VARIANTS = {
     "": {
         # An untied output head, so that the global bigram table is not forced to be symmetric.
         "model.tie_embeddings": False,
-        "transformer": {"model.num_heads": 1},
+        # Fixed absolute positions, as in Bietti et al., whose first-layer head finds the previous
+        # token through them. With RoPE the induction head formed too, but later: in-context loss
+        # 0.67 at step 1000, against 0.35 at step 900 here.
+        "transformer": {"model.num_heads": 1, "model.positions": "sinusoidal"},
         "data.seq_len": 128, "data.batch_size": 64,
         "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 50,
         "optimizer.weight_decay": 0.0,
