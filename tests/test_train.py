@@ -453,7 +453,8 @@ def test_four_devices_give_same_losses_as_one(corpus_file, tmp_path):
 
 
 # A run whose final wait for the asynchronous save is preceded by a signal to itself, as when a
-# job is stopped in the last moments of a run. The signal is sent only from the loop's own call.
+# job is stopped in the last moments of a run. The signal is sent only from the run's final
+# wait, in training.checkpoint.wait_for_saves.
 SIGNAL_AT_LAST_SAVE_SCRIPT = """
 import os, signal, sys
 import orbax.checkpoint as ocp
@@ -462,7 +463,7 @@ from tests.test_train import tiny_config
 from training import train_and_evaluate
 wait_until_finished = ocp.CheckpointManager.wait_until_finished
 def signal_then_wait(manager):
-    if sys._getframe(1).f_code.co_filename.endswith(os.path.join("training", "loop.py")):
+    if sys._getframe(1).f_code.co_name == "wait_for_saves":
         os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     return wait_until_finished(manager)
 ocp.CheckpointManager.wait_until_finished = signal_then_wait
