@@ -104,10 +104,10 @@ def _reporting_save_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
         folder = Path(manager.directory)
         complete = sorted(int(entry.name) for entry in folder.iterdir()
                           if entry.is_dir() and entry.name.isdigit()) if folder.is_dir() else []
-        kept = (f"the checkpoint of step {complete[-1]} is complete and kept"
-                if complete else "no checkpoint is complete")
+        last_complete = (f"the checkpoint of step {complete[-1]} is complete and kept"
+                         if complete else "no checkpoint is complete")
         raise ValueError(f"failed to save a checkpoint in {folder} ({_root_reason(error)}); "
-                         f"{kept}. Fix the cause and run the same command to resume."
+                         f"{last_complete}. Fix the cause and run the same command to resume."
                          ) from error
 
 
