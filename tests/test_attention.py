@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from attention import CausalSelfAttention, TransformerConfig, build_language_model
-from attention.positions import apply_rope, sinusoidal_encoding
+from attention.positions import apply_rope, positions_from_mask, sinusoidal_encoding
 
 TINY = dict(vocab_size=32, d_model=32, num_layers=2, num_heads=4, ffn_dim=64)
 
@@ -126,6 +126,36 @@ def test_rope_scores_depend_on_relative_position():
 
     assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+def test_positions_from_mask_count_real_tokens_before():
+    mask = jnp.array([[False, False, True, True, True], [True, True, True, True, True]])
+
+    np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(positions_from_mask(mask, jnp.array([3, 5])),
+                                  [[3, 3, 3, 4, 5], [5, 6, 7, 8, 9]])
+
+
+def test_sinusoidal_padded_prompt_starts_at_zero():
+    # With the attention and feed-forward outputs zeroed, every block passes its input through,
+    # so the logits are the tied head of LayerNorm(embedding + encoding / sqrt(d_model)).
+    model = build_language_model(MODEL_CONFIGS["classic"], rngs=nnx.Rngs(0))
+    for block in model.blocks:
+        for projection in (block.attention.out_proj, block.feed_forward.down_proj):
+            projection.kernel[...] = jnp.zeros_like(projection.kernel[...])
+            projection.bias[...] = jnp.zeros_like(projection.bias[...])
+    tokens = jnp.array([[31, 31, 4, 9, 17]])
+    mask = jnp.array([[False, False, True, True, True]])
+
+    logits = np.asarray(forward(model, tokens, mask))[0, 2:]
+
+    # Channel 2i is sin(p / 10000^(2i/32)) and channel 2i + 1 its cos, for positions p = 0, 1, 2.
+    angles = np.arange(3)[:, None] / 10000.0 ** (np.arange(0, 32, 2) / 32)
+    encoding = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(3, 32)
+    table = np.asarray(model.embedding.embedding[...], np.float64)
+    x = table[[4, 9, 17]] + encoding / np.sqrt(32)
+    normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(logits, normed @ table.T, atol=1e-5)
 
 
 # --- attention -----------------------------------------------------------------------------

@@ -251,6 +251,29 @@ def test_fsdp_across_processes_matches_replicated(runs, corpus, tmp_path):
                                [reference[step] for step in range(1, 5)], rtol=0, atol=1e-5)
 
 
+MESH_SCRIPT = """
+import json, sys
+from training import config as config_lib
+from training.sharding import build_mesh
+config = config_lib.load_config_file(sys.argv[1])
+config_lib.set_field(config, "mesh.fsdp", 2)
+mesh = build_mesh(config)
+print(json.dumps({"axes": list(mesh.axis_names),
+                  "ids": [[device.id for device in row] for row in mesh.devices]}))
+"""
+
+
+def test_fsdp_groups_are_consecutive_devices():
+    # 4 devices as (data 2, fsdp 2): fsdp is the inner axis, so devices 0 and 1 split one copy
+    # of the parameters between them, and devices 2 and 3 split the other copy.
+    [(returncode, output)] = wait_all([start(["-c", MESH_SCRIPT, CONFIG], 4)])
+    assert returncode == 0, output
+
+    mesh = json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+    assert mesh["axes"] == ["data", "fsdp"]
+    assert mesh["ids"] == [[0, 1], [2, 3]]
+
+
 # ---- sharding rules
 
 

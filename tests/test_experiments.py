@@ -239,6 +239,18 @@ def test_model_vocabulary_smaller_than_task_raises():
         TaskData(config)
 
 
+def test_validation_batches_differ_from_training_batches():
+    _, config = load_config("induction_heads")
+    source = TaskData(config)
+    validation = source.validation_batches(config.train.eval_batches)
+
+    assert len(validation) == config.train.eval_batches
+    for index, batch in enumerate(validation):
+        training = source.train_batch(config.train.seed, index, 0, config.data.batch_size)
+        # Every sequence differs from the training sequence in the same row.
+        assert np.all(np.any(batch["inputs"] != training["inputs"], axis=1)), index
+
+
 def test_masked_loss_ignores_targets_outside_mask():
     _, config = load_config("selective_copying")
     state = fresh_state(config)

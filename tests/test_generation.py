@@ -287,6 +287,19 @@ def test_generate_rejects_empty_and_out_of_range_prompts():
         generate(model, [[1, VOCAB_SIZE]], max_new_tokens=2)
 
 
+def test_sinusoidal_positions_limit_prompt_plus_new_tokens():
+    # With sinusoidal positions, a prompt plus max_new_tokens may be up to max_len tokens long.
+    config = attention.TransformerConfig(vocab_size=VOCAB_SIZE, d_model=16, num_layers=1,
+                                         num_heads=2, positions="sinusoidal", max_len=16)
+    model = attention.build_language_model(config, rngs=nnx.Rngs(0))
+    prompt = [1, 2, 3]
+
+    result = generate(model, [prompt], max_new_tokens=13)
+    assert result.tokens.shape == (1, 13)
+    with pytest.raises(ValueError, match="max_len=17 exceeds the TransformerConfig's max_len=16"):
+        generate(model, [prompt], max_new_tokens=14)
+
+
 def test_left_pad_puts_padding_first():
     tokens, mask = left_pad([[1, 2, 3], [4]], pad_token=0)
     np.testing.assert_array_equal(tokens, [[1, 2, 3], [0, 0, 4]])

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from ssm import SCAN_MODES
-from ssm.mamba import MambaConfig, build_language_model
+from ssm.mamba import (CausalConv1d, MambaConfig, TimeInvariantSSMInputs, build_language_model,
+                       dt_bias_init)
 
 VOCAB = 32
 LENGTH = 13  # one sequence length for most tests, so each jitted function compiles once
@@ -175,6 +176,78 @@ def test_initialisation_follows_mamba_paper(selective):
         np.testing.assert_allclose(-np.exp(mixer.A_log[...]),
                                    np.broadcast_to(expected_A, (config.d_inner, 8)), rtol=1e-6)
         np.testing.assert_array_equal(mixer.D[...], np.ones(config.d_inner))
+
+
+def test_dt_bias_init_applies_floor():
+    # A floor of 0.01 inside [dt_min, dt_max] = [0.001, 0.1]: log-uniform draws fall below it
+    # with probability log(10) / log(100) = 1/2, and those draws start at the floor.
+    init = dt_bias_init(dt_min=0.001, dt_max=0.1, dt_init_floor=0.01)
+    dt = np.asarray(jax.nn.softplus(init(jax.random.key(0), (4096,))), np.float64)
+
+    at_floor = np.isclose(dt, 0.01, rtol=1e-4)
+    above = dt[~at_floor]
+    assert dt.min() >= 0.01 * (1 - 1e-4)
+    assert dt.max() <= 0.1 * (1 + 1e-4)
+    # Binomial(4096, 1/2) draws: 0.45 and 0.55 are more than 6 standard deviations away.
+    assert 0.45 < at_floor.mean() < 0.55
+    # The rest are log-uniform in [0.01, 0.1], so half of them lie below sqrt(0.01 * 0.1).
+    assert above.min() > 0.01
+    assert 0.45 < np.mean(above < np.sqrt(0.01 * 0.1)) < 0.55
+
+
+def test_conv_init_bound_is_inverse_sqrt_width():
+    # PyTorch's Conv1d default: uniform in +-1/sqrt(fan_in), and a depthwise kernel of width 4
+    # has fan_in 4, so the bound is 1/2. Among 4096 or more uniform draws, some land within 1%
+    # of the bound.
+    conv = CausalConv1d(4096, 4, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+    kernel = np.abs(np.asarray(conv.kernel[...]))
+    bias = np.abs(np.asarray(conv.bias[...]))
+
+    assert kernel.max() <= 0.5
+    assert kernel.max() > 0.495
+    assert bias.max() <= 0.5
+    assert bias.max() > 0.495
+
+
+def test_time_invariant_c_is_standard_normal():
+    config = tiny_config(selective=False, d_state=2048)
+    params = TimeInvariantSSMInputs(config, rngs=nnx.Rngs(0))
+    C = np.asarray(params.C[...])
+
+    np.testing.assert_array_equal(params.B[...], np.ones(2048))
+    # Sample mean and std of 2048 standard normal draws: errors about 0.02 and 0.016.
+    assert abs(C.mean()) < 0.1
+    assert 0.9 < C.std() < 1.1
+
+
+def test_non_selective_mixer_matches_recurrence():
+    # The time-invariant mixer uses dt = softplus(bias) per channel and one B and one C for all
+    # channels and time steps. Its output depends only on the products B_n C_n, so only the
+    # final state tells B from C.
+    model = build_language_model(tiny_config(selective=False), rngs=nnx.Rngs(0))
+    mixer = model.blocks[0].mixer
+    params = mixer.time_invariant
+    x_btd = jax.random.normal(jax.random.key(3), (2, 6, mixer.config.d_model))
+
+    x = np.asarray(mixer.scan_inputs(x_btd)[0], np.float64)
+    dt_e = np.log1p(np.exp(np.asarray(params.bias[...], np.float64)))
+    A_en = -np.exp(np.asarray(mixer.A_log[...], np.float64))
+    B_n = np.asarray(params.B[...], np.float64)
+    C_n = np.asarray(params.C[...], np.float64)
+    h_ben = np.zeros(x.shape[:1] + A_en.shape)
+    y = np.zeros_like(x)
+    for t in range(x.shape[1]):
+        h_ben = np.exp(dt_e[:, None] * A_en) * h_ben + (dt_e * x[:, t])[..., None] * B_n
+        y[:, t] = h_ben @ C_n
+    z = np.asarray(jnp.split(mixer.in_proj(x_btd), 2, axis=-1)[1], np.float64)
+    gated = (y + x * np.asarray(mixer.D[...])) * z / (1 + np.exp(-z))
+    expected = np.asarray(mixer.out_proj(jnp.asarray(gated, jnp.float32)))
+
+    output, cache = mixer.prefill(x_btd, mixer.init_cache(2))
+
+    np.testing.assert_allclose(np.asarray(output), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cache.ssm_state), h_ben, rtol=1e-4, atol=1e-6)
 
 
 def test_parameter_names_match_weight_decay_rules():

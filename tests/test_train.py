@@ -33,7 +33,7 @@ from training import checkpoint, load_run, train_and_evaluate
 from training.config import validate_config
 from training.loop import TrainingDivergedError, initial_train_state
 from training.metrics import QuietLibraries, read_metrics
-from training.optimizer import learning_rate_schedule, weight_decay_mask
+from training.optimizer import build_optimizer, learning_rate_schedule, weight_decay_mask
 from training.sharding import data_mesh
 from training.steps import create_train_state, eval_step, train_step
 
@@ -239,6 +239,36 @@ def test_weight_decay_mask_follows_parameter_names():
     assert not decayed["['embedding']['embedding']"]
 
 
+def test_weight_decay_mask_skips_time_invariant_vectors():
+    # The non-selective Mamba learns B and C as vectors of d_state entries, with names that are
+    # not in NO_DECAY_NAMES. Vectors never get weight decay, whatever their name.
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
+    config.model.selective = False
+    _, params = nnx.split(build_model(config.model, rngs=nnx.Rngs(0)), nnx.Param)
+    mask = weight_decay_mask(nnx.to_pure_dict(params))
+    decayed = {jax.tree_util.keystr(path): flag
+               for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
+
+    assert not decayed["['blocks'][0]['mixer']['time_invariant']['B']"]
+    assert not decayed["['blocks'][0]['mixer']['time_invariant']['C']"]
+    assert decayed["['blocks'][0]['mixer']['in_proj']['kernel']"]
+
+
+def test_optimizer_clips_gradient_before_adam():
+    config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").optimizer
+    config.grad_clip_norm = 1.0
+    tx = build_optimizer(config, num_steps=10)
+    params = {"kernel": jnp.zeros((1, 2))}
+    grads = {"kernel": jnp.asarray([[60.0, 80.0]])}  # global norm 100
+    _, opt_state = tx.update(grads, tx.init(params), params)
+
+    # Adam's first moment after one step is (1 - b1) times the gradient it received, here the
+    # gradient scaled to global norm 1.
+    adam_state = opt_state[1][0]
+    np.testing.assert_allclose(np.asarray(adam_state.mu["kernel"]),
+                               [[(1 - config.b1) * 0.6, (1 - config.b1) * 0.8]], rtol=1e-6)
+
+
 def test_learning_rate_warmup_then_cosine():
     config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny").optimizer
     config.unlock()
@@ -315,6 +345,36 @@ def test_loss_targets_next_token(corpus_file):
     assert float(train_metrics["loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(eval_metrics["token_count"]) == 8 * 16
     assert float(eval_metrics["loss_sum"]) / (8 * 16) == pytest.approx(expected, rel=1e-5)
+
+
+def test_initial_parameters_follow_seed(corpus_file):
+    def initial_params(seed):
+        state = initial_train_state(tiny_config(corpus_file, train__seed=seed))
+        return jax.tree.leaves(state.params)
+
+    first, again, other = initial_params(1), initial_params(1), initial_params(2)
+    for leaf, same_seed_leaf in zip(first, again):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(same_seed_leaf))
+    assert any(not np.array_equal(np.asarray(leaf), np.asarray(other_seed_leaf))
+               for leaf, other_seed_leaf in zip(first, other))
+
+
+def test_logged_learning_rate_is_rate_of_update(corpus_file):
+    # Without warmup the cosine decay over 4 steps gives each step a different rate. Adam's
+    # first update of an entry is the learning rate times the sign of its gradient, because
+    # m / sqrt(v) is g / |g| after one step (up to eps). D gets no weight decay, so its change
+    # is that update alone.
+    config = tiny_config(corpus_file, optimizer__warmup_steps=0, train__num_steps=4)
+    state = initial_train_state(config)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 8, 17)), jnp.int32)
+
+    new_state, metrics = jax.jit(train_step)(state, tokens)
+    change = (np.asarray(new_state.params["blocks"][0]["mixer"]["D"])
+              - np.asarray(state.params["blocks"][0]["mixer"]["D"]))
+
+    logged = float(metrics["learning_rate"])
+    np.testing.assert_allclose(np.abs(change), logged, rtol=1e-3)
+    assert logged == pytest.approx(config.optimizer.learning_rate)  # The peak, without warmup.
 
 
 def test_train_step_counts_steps_in_state_and_optimizer(corpus_file):
@@ -627,6 +687,30 @@ def test_resume_rejects_other_frozen_parameters(corpus_file, trained_workdir, tm
         train_and_evaluate(config, workdir)
     assert checkpoint.load_config(workdir).optimizer.frozen_parameters == ""
     assert read_metrics(workdir, "train")[-1]["step"] == 4
+
+
+def test_resumed_records_count_tokens_from_step_zero(corpus_file, trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    config = tiny_config(corpus_file, train__num_steps=6)
+
+    train_and_evaluate(config, workdir)
+
+    records = read_metrics(workdir, "train")
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    for record in records:
+        assert record["tokens"] == record["step"] * tokens_per_step, record
+
+
+def test_run_keeps_last_checkpoints(corpus_file, tmp_path):
+    config = tiny_config(corpus_file, train__num_steps=4, train__checkpoint_every=1,
+                         train__keep_checkpoints=2)
+    train_and_evaluate(config, tmp_path)
+
+    steps = sorted(int(path.name) for path in (tmp_path / checkpoint.CHECKPOINT_DIR).iterdir()
+                   if path.name.isdigit())
+    assert steps == [3, 4]
 
 
 def test_load_run_returns_saved_parameters(trained_workdir):

@@ -9,7 +9,7 @@ import scipy.special
 from flax import nnx
 
 from attention import TransformerConfig, attention_weights, build_language_model
-from attention.transformer import GeluMLP
+from attention.transformer import GeluMLP, TransformerBlock, make_norm
 from models import LanguageModel
 
 jitted_attention_weights = nnx.jit(attention_weights)
@@ -168,6 +168,61 @@ def test_classic_feed_forward_applies_tanh_gelu():
     np.testing.assert_allclose(output, tanh_gelu @ down_kernel + down_bias, rtol=1e-5, atol=1e-5)
     assert np.abs(output - (erf_gelu @ down_kernel + down_bias)).max() > 1e-4
     assert np.abs(output - (hidden @ down_kernel + down_bias)).max() > 1e-1
+
+
+def test_sinusoidal_positions_are_added_once():
+    # With the attention and feed-forward outputs of all 3 blocks zeroed, the blocks pass the
+    # residual stream through, so the logits are the tied head of LayerNorm(embedding + one
+    # encoding / sqrt(d_model)).
+    config = TransformerConfig(**{**TINY, "num_layers": 3}, flavour="classic")
+    model = build_language_model(config, rngs=nnx.Rngs(0))
+    for block in model.blocks:
+        for projection in (block.attention.out_proj, block.feed_forward.down_proj):
+            projection.kernel[...] = jnp.zeros_like(projection.kernel[...])
+            projection.bias[...] = jnp.zeros_like(projection.bias[...])
+    tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
+
+    logits = np.asarray(forward(model, tokens))[0]
+
+    # Channel 2i is sin(p / 10000^(2i/32)) and channel 2i + 1 its cos.
+    angles = np.arange(6)[:, None] / 10000.0 ** (np.arange(0, 32, 2) / 32)
+    encoding = np.stack([np.sin(angles), np.cos(angles)], axis=-1).reshape(6, 32)
+    table = np.asarray(model.embedding.embedding[...], np.float64)
+    x = table[[3, 1, 4, 1, 5, 9]] + encoding / np.sqrt(32)
+    normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(logits, normed @ table.T, atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", ["transformer++", "classic"])
+def test_residual_output_projections_scale_with_depth(flavour):
+    # GPT-2 initialisation: std 0.02 / sqrt(2 * num_layers) = 0.005 for 8 layers. Sample stds
+    # of 4096 (attention) and 8192 (feed-forward) draws are within about 1% of the std.
+    config = TransformerConfig(vocab_size=16, d_model=64, num_layers=8, num_heads=4,
+                               ffn_dim=128, flavour=flavour)
+    model = build_language_model(config, rngs=nnx.Rngs(0))
+
+    for index, block in enumerate(model.blocks):
+        attention_std = float(np.std(block.attention.out_proj.kernel[...]))
+        feed_forward_std = float(np.std(block.feed_forward.down_proj.kernel[...]))
+        assert attention_std == pytest.approx(0.005, rel=0.1), f"layer {index}"
+        assert feed_forward_std == pytest.approx(0.005, rel=0.1), f"layer {index}"
+
+
+@pytest.mark.parametrize("init_std", [None, 0.05], ids=["default", "0.05"])
+def test_embedding_and_untied_head_use_init_std(init_std):
+    config = TransformerConfig(vocab_size=256, d_model=64, num_layers=1, num_heads=4,
+                               ffn_dim=128)
+    rngs = nnx.Rngs(0)
+    std_argument = {} if init_std is None else {"embedding_init_std": init_std}
+    model = LanguageModel(
+        vocab_size=256, d_model=64, blocks=[TransformerBlock(config, layer_index=0, rngs=rngs)],
+        final_norm=make_norm(config, rngs=rngs), tie_embeddings=False, rngs=rngs,
+        **std_argument)
+    expected_std = 0.02 if init_std is None else init_std
+
+    # 256 * 64 draws each: the sample std is within about 1% of the std.
+    assert float(np.std(model.embedding.embedding[...])) == pytest.approx(expected_std, rel=0.1)
+    assert float(np.std(model.head.kernel[...])) == pytest.approx(expected_std, rel=0.1)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
