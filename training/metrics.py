@@ -6,8 +6,9 @@ Each line of `metrics.jsonl` is one JSON object with `step` and `split`:
 
   split "train": loss (nats per token), bits_per_byte (text runs only), learning_rate,
                  grad_norm (global L2 norm before clipping), param_norm (global L2 norm after
-                 the update), tokens (seen so far), elapsed_s (wall time of this process since
-                 it started the run)
+                 the update), tokens (step times this run's batch_size * seq_len, so a run
+                 resumed with other data sizes counts its earlier steps at the new size),
+                 elapsed_s (wall time of this process since it started the run)
   split "val":   loss and, over the fixed validation set, bits_per_byte (text runs) or
                  accuracy at the scored positions (synthetic tasks), plus any probe values
 
