@@ -252,6 +252,15 @@ def test_token_file_rejects_id_out_of_vocabulary(tmp_path):
         data.load_corpus(path)
 
 
+def test_token_file_rejects_first_id_past_separator(tmp_path):
+    # 256 is the separator, the last valid id; 257 is the first invalid one.
+    path = tmp_path / "edge.bin"
+    np.array([1, 256, 257, 4] * 50, dtype="<u2").tofile(path)
+
+    with pytest.raises(ValueError, match="edge.bin contains id 257, but valid ids are 0..256"):
+        data.load_corpus(path)
+
+
 # ---- token-file cache
 
 
@@ -290,6 +299,20 @@ def test_cache_is_reused_when_unchanged(tmp_path, monkeypatch):
     assert [os.stat(path).st_mtime_ns for path in second.cache_files] == mtimes
     np.testing.assert_array_equal(first.train, second.train)
     np.testing.assert_array_equal(first.val, second.val)
+
+
+def test_cache_keeps_splits_of_each_val_fraction_apart(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_folder(folder, 30)
+    cache_dir = tmp_path / "cache"
+
+    for val_fraction in (0.3, 0.5):
+        cached = data.load_corpus(folder, pattern="**/*.txt", val_fraction=val_fraction,
+                                  cache_dir=cache_dir)
+        fresh = data.load_corpus(folder, pattern="**/*.txt", val_fraction=val_fraction)
+        assert cached.val_files == fresh.val_files
+        np.testing.assert_array_equal(cached.val, fresh.val)
 
 
 def test_cache_is_rebuilt_when_file_changes(tmp_path):

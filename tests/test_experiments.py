@@ -483,6 +483,36 @@ def test_previous_token_probe_counts_positions_after_triggers(tmp_path, monkeypa
     assert metrics["probe/layer1_head0_previous_token"] == 1.0
 
 
+def test_memory_recall_reads_inputs_through_attention_norm():
+    # W_V = W_O = identity and one-hot embeddings make W_O W_V recall every token, unless the
+    # attention norm's scale of -1 turns each input e_k into -e_k before the head reads it.
+    _, config = load_config("birth_transformer", "tiny")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    vocab_size, d_model = config.model.vocab_size, config.model.d_model
+    assert vocab_size == d_model and config.model.num_heads == 1
+    identity = jnp.eye(d_model)
+    model.embedding.embedding[...] = identity
+    model.head.kernel[...] = identity
+    block = model.blocks[0]
+    block.attention.value_proj.kernel[...] = identity
+    block.attention.out_proj.kernel[...] = identity
+
+    assert birth.head_memory_recall(model, 0, vocab_size) == [1.0]
+    block.attention_norm.scale[...] = -jnp.ones(d_model)
+    assert birth.head_memory_recall(model, 0, vocab_size) == [0.0]
+
+
+def test_frozen_pattern_matches_anywhere_in_path():
+    params = {"embedding": {"embedding": np.zeros(2)},
+              "blocks": [{"attention": {"value_proj": {"kernel": np.zeros(2)},
+                                        "key_proj": {"kernel": np.zeros(2)}}}]}
+    labels = frozen_labels(params, "value_proj")
+
+    assert labels["blocks"][0]["attention"]["value_proj"]["kernel"] == "frozen"
+    assert labels["blocks"][0]["attention"]["key_proj"]["kernel"] != "frozen"
+    assert labels["embedding"]["embedding"] != "frozen"
+
+
 def test_transition_step_finds_half_drop():
     steps = np.array([0, 10, 20, 30, 40])
     assert birth.transition_step(steps, np.array([4.0, 3.9, 3.0, 2.0, 2.0])) == 20

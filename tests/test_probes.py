@@ -120,6 +120,17 @@ def test_previous_token_score_respects_query_mask():
         previous_token_score(attention, np.array([[True, False, False, False, False]]))
 
 
+def test_induction_score_skips_repeat_just_before_query():
+    # Token 2 at positions 0, 2 and 3. Query 2 looks for position 1 (after the 2 at 0), and so
+    # does query 3: the 2 at position 2 is right before it, so the position after it is the query.
+    tokens = np.array([[2, 3, 2, 2]])
+    attention = uniform_causal_head(1, 4)
+    attention[0, 0, 2] = [0.0, 1.0, 0.0, 0.0]
+    attention[0, 0, 3] = [0.0, 0.0, 0.0, 1.0]  # All on itself.
+
+    assert induction_score(attention, tokens)[0] == pytest.approx(0.5)
+
+
 def test_induction_score_rejects_sequences_without_repeats():
     tokens = np.arange(8)[None, :]
     with pytest.raises(ValueError, match="no query position"):
