@@ -513,6 +513,20 @@ def test_frozen_pattern_matches_anywhere_in_path():
     assert labels["embedding"]["embedding"] != "frozen"
 
 
+def test_probe_batch_is_neither_training_nor_validation_batch():
+    _, config = load_config("birth_transformer", "tiny")
+    source = TaskData(config)
+    probe = birth.probe_batch(source)["inputs"]
+    rows = len(probe)
+
+    first_training = source.train_batch(config.train.seed, 0, 0, rows)["inputs"]
+    first_validation = source.validation_batches(1)[0]["inputs"]
+    shared_rows = min(rows, len(first_validation))
+    assert first_training.shape == probe.shape
+    assert not np.array_equal(probe, first_training)
+    assert not np.array_equal(probe[:shared_rows], first_validation[:shared_rows])
+
+
 def test_transition_step_finds_half_drop():
     steps = np.array([0, 10, 20, 30, 40])
     assert birth.transition_step(steps, np.array([4.0, 3.9, 3.0, 2.0, 2.0])) == 20
