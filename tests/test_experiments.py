@@ -412,6 +412,26 @@ def test_chunked_evaluation_carries_state_across_chunks():
     assert correct == num_scored
 
 
+def test_extrapolation_batches_hold_distinct_sequences(monkeypatch):
+    _, config = load_config("induction_heads", "tiny")
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    evaluated = []
+    counts = extrapolate.ModelEvaluator.counts
+
+    def recording_counts(self, batch):
+        evaluated.append(np.asarray(batch["inputs"]))
+        return counts(self, batch)
+
+    monkeypatch.setattr(extrapolate.ModelEvaluator, "counts", recording_counts)
+    results = extrapolate.evaluate_lengths(model, config, [32], min_sequences=12,
+                                           max_sequences=12, batch_size=4)
+
+    assert results[0]["sequences"] == 12
+    rows = np.concatenate(evaluated)
+    assert len(rows) == 12
+    assert len({row.tobytes() for row in rows}) == 12
+
+
 def test_transformer_over_memory_budget_reports_out_of_memory():
     _, config = load_config("induction_heads", "transformer,tiny")
     model = build_model(config.model, rngs=nnx.Rngs(0))
