@@ -942,6 +942,23 @@ def test_plot_reports_unwritable_out_and_cut_record(trained_workdir, tmp_path, c
     assert "metrics.jsonl:" in capsys.readouterr().err
 
 
+def test_read_metrics_keeps_last_record_of_each_step(tmp_path):
+    # A run that crashed after step 3 without a checkpoint there logs steps 2 and 3 again when
+    # it resumes from step 1; the later records are the ones of the run that went on.
+    records = [{"step": 1, "split": "train", "loss": 5.0},
+               {"step": 2, "split": "train", "loss": 4.0},
+               {"step": 3, "split": "train", "loss": 3.0},
+               {"step": 2, "split": "val", "loss": 9.0},
+               {"step": 2, "split": "train", "loss": 4.5},
+               {"step": 3, "split": "train", "loss": 3.5}]
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    (tmp_path / "metrics.jsonl").write_text(lines)
+
+    train = read_metrics(tmp_path, "train")
+    assert [(record["step"], record["loss"]) for record in train] == [(1, 5.0), (2, 4.5), (3, 3.5)]
+    assert [record["loss"] for record in read_metrics(tmp_path, "val")] == [9.0]
+
+
 def test_moving_average_of_known_values():
     from training.plot import moving_average  # noqa: PLC0415
 
