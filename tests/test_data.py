@@ -253,7 +253,7 @@ def test_token_file_rejects_id_out_of_vocabulary(tmp_path):
 
 
 def test_token_file_rejects_first_id_past_separator(tmp_path):
-    # 256 is the separator, the last valid id; 257 is the first invalid one.
+    # 256 is the separator and the last valid id, so 257 is the first invalid one.
     path = tmp_path / "edge.bin"
     np.array([1, 256, 257, 4] * 50, dtype="<u2").tofile(path)
 

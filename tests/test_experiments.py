@@ -509,7 +509,8 @@ def test_memory_recall_reads_inputs_through_attention_norm():
     _, config = load_config("birth_transformer", "tiny")
     model = build_model(config.model, rngs=nnx.Rngs(0))
     vocab_size, d_model = config.model.vocab_size, config.model.d_model
-    assert vocab_size == d_model and config.model.num_heads == 1
+    assert vocab_size == d_model
+    assert config.model.num_heads == 1
     identity = jnp.eye(d_model)
     model.embedding.embedding[...] = identity
     model.head.kernel[...] = identity
