@@ -119,22 +119,18 @@ def _is_float_holding_int(config: ml_collections.ConfigDict, dotted: str) -> boo
 
 def _set_late_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Set an override split off by `_late_overrides`."""
+    source = f"--config.{dotted}={text}"
     if text == "None":
-        config_lib.set_field(config, dotted, None, source=f"--config.{dotted}=None")
+        config_lib.set_field(config, dotted, None, source=source)
         return
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"flag --config.{dotted}={text}: expected a number, got {text!r}"
-                         ) from None
-    *parents, name = dotted.split(".")
-    section = config
-    for part in parents:
-        section = section[part]
+        raise ValueError(f"flag {source}: expected a number, got {text!r}") from None
     # The config file's integer made ml_collections type the field as int, but the field is a
     # float field of the model or training config.
-    with section.ignore_type():
-        section[name] = value
+    with config.ignore_type():
+        config_lib.set_field(config, dotted, value, source=source)
 
 
 def _flag_error_message(error: Exception) -> str:

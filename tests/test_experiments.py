@@ -110,7 +110,7 @@ def test_variant_changes_what_it_names():
     assert "feed_forward" in fresh_state(load_config("birth_transformer")[1]).params["blocks"][0]
 
 
-def test_simplified_variant_trains_queries_keys_and_second_output():
+def test_simplified_variant_trained_parameters():
     _, config = load_config("birth_transformer", "simplified,tiny")
     params = fresh_state(config).params
     labels = frozen_labels(params, config.optimizer.frozen_parameters)
@@ -412,7 +412,7 @@ def test_chunked_evaluation_carries_state_across_chunks():
     assert correct == num_scored
 
 
-def test_extrapolation_batches_hold_distinct_sequences(monkeypatch):
+def test_extrapolation_sequences_are_distinct(monkeypatch):
     _, config = load_config("induction_heads", "tiny")
     model = build_model(config.model, rngs=nnx.Rngs(0))
     evaluated = []
@@ -481,7 +481,7 @@ def test_mamba_probes_use_one_implicit_head_per_layer(tmp_path):
     np.testing.assert_allclose(maps["layer0"].sum(axis=-1), 1.0, rtol=1e-4)
 
 
-def test_previous_token_probe_counts_positions_after_triggers(tmp_path, monkeypatch):
+def test_previous_token_probe_after_triggers(tmp_path, monkeypatch):
     # A head that attends to the previous token only right after a trigger, and to itself
     # elsewhere, is a complete previous-token head in the sense of Bietti et al.
     _, config = load_config("birth_transformer", "tiny")
@@ -503,7 +503,7 @@ def test_previous_token_probe_counts_positions_after_triggers(tmp_path, monkeypa
     assert metrics["probe/layer1_head0_previous_token"] == 1.0
 
 
-def test_memory_recall_reads_inputs_through_attention_norm():
+def test_memory_recall_applies_attention_norm():
     # W_V = W_O = identity and one-hot embeddings make W_O W_V recall every token, unless the
     # attention norm's scale of -1 turns each input e_k into -e_k before the head reads it.
     _, config = load_config("birth_transformer", "tiny")
@@ -534,7 +534,7 @@ def test_frozen_pattern_matches_anywhere_in_path():
     assert labels["embedding"]["embedding"] != "frozen"
 
 
-def test_probe_batch_is_neither_training_nor_validation_batch():
+def test_probe_batch_own_stream():
     _, config = load_config("birth_transformer", "tiny")
     source = TaskData(config)
     probe = birth.probe_batch(source)["inputs"]

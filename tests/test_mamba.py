@@ -224,7 +224,7 @@ def test_time_invariant_c_is_standard_normal():
 def test_non_selective_mixer_matches_recurrence():
     # The time-invariant mixer uses dt = softplus(bias) per channel and one B and one C for all
     # channels and time steps. Its output depends only on the products B_n C_n, so only the
-    # final state tells B from C.
+    # final state distinguishes B from C.
     model = build_language_model(tiny_config(selective=False), rngs=nnx.Rngs(0))
     mixer = model.blocks[0].mixer
     params = mixer.time_invariant

@@ -239,7 +239,7 @@ def test_weight_decay_mask_follows_parameter_names():
     assert not decayed["['embedding']['embedding']"]
 
 
-def test_weight_decay_mask_skips_time_invariant_vectors():
+def test_weight_decay_skips_vectors():
     # The non-selective Mamba learns B and C as vectors of d_state entries, with names that are
     # not in NO_DECAY_NAMES. Vectors never get weight decay, whatever their name.
     config = load_config_module(ARCHITECTURE_FILES["mamba"]).get_config("tiny")
@@ -359,7 +359,7 @@ def test_initial_parameters_follow_seed(corpus_file):
                for leaf, other_seed_leaf in zip(first, other))
 
 
-def test_logged_learning_rate_is_rate_of_update(corpus_file):
+def test_logged_learning_rate_matches_update(corpus_file):
     # Without warmup the cosine decay over 4 steps gives each step a different rate. Adam's
     # first update of an entry is the learning rate times the sign of its gradient, because
     # m / sqrt(v) is g / |g| after one step (up to eps). D gets no weight decay, so its change
@@ -689,7 +689,7 @@ def test_resume_rejects_other_frozen_parameters(corpus_file, trained_workdir, tm
     assert read_metrics(workdir, "train")[-1]["step"] == 4
 
 
-def test_resumed_records_count_tokens_from_step_zero(corpus_file, trained_workdir, tmp_path):
+def test_resumed_tokens_count_from_zero(corpus_file, trained_workdir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained_workdir, workdir)
     config = tiny_config(corpus_file, train__num_steps=6)
@@ -942,9 +942,9 @@ def test_plot_reports_unwritable_out_and_cut_record(trained_workdir, tmp_path, c
     assert "metrics.jsonl:" in capsys.readouterr().err
 
 
-def test_read_metrics_keeps_last_record_of_each_step(tmp_path):
+def test_read_metrics_keeps_last_record(tmp_path):
     # A run that crashed after step 3 without a checkpoint there logs steps 2 and 3 again when
-    # it resumes from step 1; the later records are the ones of the run that went on.
+    # it resumes from step 1. The later records are those of the run that went on.
     records = [{"step": 1, "split": "train", "loss": 5.0},
                {"step": 2, "split": "train", "loss": 4.0},
                {"step": 3, "split": "train", "loss": 3.0},
