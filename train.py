@@ -23,6 +23,7 @@ from ml_collections import config_flags
 import training
 from training import config as config_lib
 from training import distributed
+from training import host_memory
 from training.metrics import QuietLibraries
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -158,6 +159,8 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(QuietLibraries())
+    # Before JAX starts its backend: its threads pick their malloc arena on first use.
+    host_memory.apply_flag()
     try:
         # Before any JAX computation: the distributed runtime must exist when devices are listed.
         distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,

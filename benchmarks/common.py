@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 
-from training import outputs
+from training import host_memory, outputs
 
 matplotlib.use("Agg")  # Files only; no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -99,6 +99,7 @@ def machine() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "jax_version": jax.__version__,
         "python": platform.python_version(),
+        "host_memory_kept": host_memory.is_kept(),
     }
 
 
@@ -106,7 +107,7 @@ def describe_machine(info: dict[str, Any]) -> str:
     """Return a one-line description of `machine()`'s result, for the printed report."""
     return (f"{info['backend']} ({info['device_kind']}, {info['num_devices']} device(s)), "
             f"{info['cpu_count']} CPUs, 1-minute load average {info['load_average_1min']:.1f}, "
-            f"jax {info['jax_version']}")
+            f"jax {info['jax_version']}, keep_host_memory {info['host_memory_kept']}")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

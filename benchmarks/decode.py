@@ -24,6 +24,7 @@ from flax import nnx
 from benchmarks import common, model_configs
 from generation import SamplingConfig, decode_loop
 from ssm import SCAN_MODES
+from training import host_memory
 
 FLAGS = flags.FLAGS
 
@@ -170,6 +171,7 @@ def plot(rows, out_dir):
 
 
 def main(argv):
+    host_memory.apply_flag()  # before JAX starts its backend
     try:
         contexts, batch_sizes = check_flags(FLAGS, argv)
         mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,

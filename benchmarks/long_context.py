@@ -24,6 +24,7 @@ from flax import nnx
 
 from benchmarks import common, model_configs
 from ssm import SCAN_MODES
+from training import host_memory
 
 FLAGS = flags.FLAGS
 
@@ -77,6 +78,7 @@ def plot(rows, chunk: int, out_dir):
 
 
 def main(argv):
+    host_memory.apply_flag()  # before JAX starts its backend
     try:
         check_flags(FLAGS, argv)
     except ValueError as error:

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from benchmarks import common, model_configs  # noqa: E402
 from data.tokenizer import VOCAB_SIZE  # noqa: E402
 from ssm import SCAN_MODES  # noqa: E402
+from training import host_memory  # noqa: E402
 from training.sharding import DATA_AXIS, data_mesh  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -138,6 +139,7 @@ def time_torch(model, tokens: np.ndarray, repeats: int) -> tuple[float, int]:
 
 
 def main(argv):
+    host_memory.apply_flag()  # before JAX starts its backend
     del argv
     try:
         import torch

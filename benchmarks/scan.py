@@ -18,6 +18,7 @@ from absl import app, flags
 
 from benchmarks import common
 from ssm import SCAN_MODES, selective_scan
+from training import host_memory
 
 FLAGS = flags.FLAGS
 FLOAT32_BYTES = 4
@@ -152,6 +153,7 @@ def plot(rows, out_dir):
 
 
 def main(argv):
+    host_memory.apply_flag()  # before JAX starts its backend
     try:
         lengths = check_flags(FLAGS, argv)
     except ValueError as error:

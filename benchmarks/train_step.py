@@ -25,7 +25,7 @@ from absl import app, flags
 from benchmarks import common, model_configs
 from models.registry import count_parameters
 from ssm import SCAN_MODES
-from training import create_train_state, train_step
+from training import create_train_state, host_memory, train_step
 
 FLAGS = flags.FLAGS
 
@@ -138,6 +138,7 @@ def plot(rows, out_dir):
 
 
 def main(argv):
+    host_memory.apply_flag()  # before JAX starts its backend
     try:
         lengths = check_flags(FLAGS, argv)
         mamba = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,

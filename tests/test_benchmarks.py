@@ -13,6 +13,7 @@ from absl import flags
 from flax import nnx
 
 from benchmarks import common, long_context, model_configs, scan, train_step
+from training import host_memory
 
 
 def test_long_context_chunks_score_every_next_token():
@@ -99,6 +100,9 @@ def test_train_step_mfu_uses_matmul_peak(monkeypatch, tmp_path):
     flag_values(["train_step", "--lengths=8", "--tokens_per_batch=16", "--d_model=16",
                  "--num_layers=1", "--num_heads=2", "--repeats=1", f"--out={tmp_path}"])
     monkeypatch.setattr(train_step, "FLAGS", flag_values)
+    # The malloc setting would outlive this test in the shared pytest process, and it reads the
+    # global --keep_host_memory, which this FlagValues does not hold.
+    monkeypatch.setattr(host_memory, "apply_flag", lambda: False)
 
     train_step.main(["train_step"])
     rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]

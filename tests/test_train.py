@@ -895,6 +895,8 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
          r"flag --config.train.num_steps=1.5: expected an integer, got '1.5'$"),
         (["--config=configs/mamba_lm.py:tiny", "--config.optimizer.learning_rate=fast"],
          r"flag --config.optimizer.learning_rate=fast: expected a number, got 'fast'$"),
+        (["--config=configs/mamba_lm.py:tiny", "--keep_host_memory=maybe"],
+         r"flag --keep_host_memory=maybe: expected true or false, got 'maybe'$"),
     ]
     for flags, message in cases:
         process = run_python(["train.py", *flags, f"--workdir={tmp_path / 'run'}"])
