@@ -22,7 +22,7 @@ turns it off.
 import ctypes
 import os
 
-from absl import flags, logging
+from absl import flags
 
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True,
@@ -82,12 +82,6 @@ def is_kept() -> bool:
 
 def apply_flag() -> bool:
     """Call `keep_freed_host_memory` unless --keep_host_memory=false; return whether it applied."""
-    if not _KEEP_HOST_MEMORY.value:
-        return False
-    applied = keep_freed_host_memory()
-    if applied:
-        logging.info("keeping freed host memory for reuse (glibc mallopt; "
-                     "--keep_host_memory=false turns it off)")
-    else:
-        logging.info("--keep_host_memory has no effect here: the C library is not glibc")
-    return applied
+    # Silent either way: commands print nothing before their own messages, and the benchmarks
+    # record `is_kept()` with the machine.
+    return _KEEP_HOST_MEMORY.value and keep_freed_host_memory()
