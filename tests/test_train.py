@@ -866,6 +866,18 @@ def test_workdir_in_use_is_rejected(corpus_file, trained_workdir, tmp_path):
     assert int(state.step) == 6
 
 
+def test_resume_without_saved_config_rejected(corpus_file, trained_workdir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    (workdir / checkpoint.CONFIG_FILE).unlink()
+    before = checkpoint_listing(workdir)
+    config = tiny_config(corpus_file, train__num_steps=6)
+    with pytest.raises(ValueError, match=r"contains checkpoints but no config.json.*Restore the file"):
+        train_and_evaluate(config, workdir)
+    assert checkpoint_listing(workdir) == before
+    assert not (workdir / checkpoint.CONFIG_FILE).exists()
+
+
 def test_non_finite_update_keeps_last_checkpoint(corpus_file, trained_workdir):
     before = checkpoint_listing(trained_workdir)
     # A finite learning rate so large that the first update overflows the parameters.

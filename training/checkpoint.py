@@ -195,6 +195,11 @@ def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDic
     more steps or a new evaluation interval), unless the optimizer fields change the structure
     of the optimizer state, as `optimizer.frozen_parameters` does.
     """
+    if not (Path(workdir) / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"workdir {str(workdir)!r} contains checkpoints but no {CONFIG_FILE}, the saved config "
+            "that a resumed run is checked against. Restore the file from a copy, or use a new "
+            "workdir.")
     saved = load_config(workdir)
     _check_same_model(workdir, saved, config)
     saved_optimizer = jax.tree.structure(abstract_train_state(saved).opt_state)
