@@ -43,6 +43,7 @@ _INITIALIZATION_TIMEOUT = flags.DEFINE_integer(
     "initialization_timeout", 300,
     "Seconds to wait for every process to join a multi-process run before exiting with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
 
 
 def _flag_values(argv: list[str], name: str) -> list[str]:

@@ -40,6 +40,7 @@ from training import host_memory  # noqa: E402
 from training.sharding import DATA_AXIS, data_mesh  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_integer("length", 512, "Sequence length in tokens.")
 flags.DEFINE_integer("d_model", 256, "Model width.")

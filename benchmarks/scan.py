@@ -21,6 +21,7 @@ from ssm import SCAN_MODES, selective_scan
 from training import host_memory
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
 FLOAT32_BYTES = 4
 
 

@@ -28,6 +28,7 @@ from ssm import SCAN_MODES
 from training import create_train_state, host_memory, train_step
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:

@@ -872,7 +872,8 @@ def test_resume_without_saved_config_rejected(corpus_file, trained_workdir, tmp_
     (workdir / checkpoint.CONFIG_FILE).unlink()
     before = checkpoint_listing(workdir)
     config = tiny_config(corpus_file, train__num_steps=6)
-    with pytest.raises(ValueError, match=r"contains checkpoints but no config.json.*Restore the file"):
+    message = r"contains checkpoints but no config.json.*Restore the file"
+    with pytest.raises(ValueError, match=message):
         train_and_evaluate(config, workdir)
     assert checkpoint_listing(workdir) == before
     assert not (workdir / checkpoint.CONFIG_FILE).exists()
@@ -1079,6 +1080,30 @@ def test_ctrl_c_lost_in_gc_stops(corpus_file, tmp_path):
     metrics = workdir / "metrics.jsonl"
     assert not metrics.exists() or metrics.read_text() == ""
     assert not any((workdir / checkpoint.CHECKPOINT_DIR).glob("[0-9]*"))
+
+
+@pytest.mark.parametrize("section, value, found", [
+    ("model", None, "no section 'model'"), ("optimizer", None, "no section 'optimizer'"),
+    ("model", 5, "a JSON int as section 'model'"), ("optimizer", "x", "a JSON str as section"),
+])
+def test_saved_config_without_section_named(corpus_file, trained_workdir, tmp_path, section,
+                                            value, found):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    saved = json.loads((workdir / checkpoint.CONFIG_FILE).read_text())
+    if value is None:
+        del saved[section]
+    else:
+        saved[section] = value
+    (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+    before = checkpoint_listing(workdir)
+    message = rf"{re.escape(str(workdir / checkpoint.CONFIG_FILE))} has {found}.*restore it"
+
+    with pytest.raises(ValueError, match=message):
+        load_run(workdir)
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(corpus_file, train__num_steps=6), workdir)
+    assert checkpoint_listing(workdir) == before
 
 
 @pytest.mark.parametrize("content", ["{'step': 1", "[1, 2]", "\udcff"])

@@ -163,6 +163,10 @@ def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -
     os.replace(temporary, path)
 
 
+# Sections of every saved config.json that loading and resuming read.
+SAVED_SECTIONS = ("data", "model", "optimizer", "train")
+
+
 def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """Read the config that a run saved in `workdir`.
 
@@ -180,6 +184,11 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not isinstance(saved, dict):
         raise ValueError(f"{path} contains a JSON {type(saved).__name__}, not a config object; "
                          "restore it, or start the run in a new workdir")
+    for section in SAVED_SECTIONS:
+        if not isinstance(saved.get(section), dict):
+            found = "no" if section not in saved else f"a JSON {type(saved[section]).__name__} as"
+            raise ValueError(f"{path} has {found} section {section!r}, where a saved config has "
+                             f"an object; restore it, or start the run in a new workdir")
     config = ml_collections.ConfigDict(saved)
     if "optimizer" in config:
         for name, value in config_lib.default_training_config().optimizer.items():
