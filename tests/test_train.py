@@ -1097,7 +1097,7 @@ def test_saved_config_without_section_named(corpus_file, trained_workdir, tmp_pa
         saved[section] = value
     (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
     before = checkpoint_listing(workdir)
-    message = rf"{re.escape(str(workdir / checkpoint.CONFIG_FILE))} has {found}.*restore it"
+    message = rf"{re.escape(str(workdir / checkpoint.CONFIG_FILE))} has {found}.*Restore it"
 
     with pytest.raises(ValueError, match=message):
         load_run(workdir)

@@ -188,7 +188,7 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         if not isinstance(saved.get(section), dict):
             found = "no" if section not in saved else f"a JSON {type(saved[section]).__name__} as"
             raise ValueError(f"{path} has {found} section {section!r}, where a saved config has "
-                             f"an object; restore it, or start the run in a new workdir")
+                             "an object. Restore it, or start the run in a new workdir.")
     config = ml_collections.ConfigDict(saved)
     if "optimizer" in config:
         for name, value in config_lib.default_training_config().optimizer.items():

@@ -81,7 +81,7 @@ def is_kept() -> bool:
 
 
 def apply_flag() -> bool:
-    """Call `keep_freed_host_memory` unless --keep_host_memory=false; return whether it applied."""
+    """Call `keep_freed_host_memory` unless --keep_host_memory=false, and return the result."""
     # Silent either way: commands print nothing before their own messages, and the benchmarks
     # record `is_kept()` with the machine.
     return _KEEP_HOST_MEMORY.value and keep_freed_host_memory()
