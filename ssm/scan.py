@@ -22,14 +22,19 @@ the initial state h0 and the final state are (b, e, n).
 - `chunked`: `jax.lax.scan` over chunks of `chunk_size` steps with an associative scan inside
   each chunk. Each chunk is rematerialised in the backward pass (`jax.checkpoint`), so the
   (b, chunk, e, n) tensors of only one chunk are live at a time.
+- `cpu_kernel`: the `sequential` algorithm as a C++ kernel for the CPU (`ssm.cpu_kernel`),
+  compiled with the machine's C++ compiler on first use. Float32 only, state size at most 64;
+  on other backends (GPU, TPU) it runs `sequential`. Like `sequential`, a `jax.custom_vjp`.
 
-All three accumulate in float32 (float64 for float64 inputs) and return y in the dtype of x.
+All accumulate in float32 (float64 for float64 inputs) and return y in the dtype of x.
 """
 
 import jax
 import jax.numpy as jnp
 
-SCAN_MODES = ("associative", "sequential", "chunked")
+from ssm import cpu_kernel
+
+SCAN_MODES = ("associative", "sequential", "chunked", "cpu_kernel")
 DEFAULT_CHUNK_SIZE = 256
 # Steps between the states that `sequential` keeps for its backward pass, so its residual
 # states are 1/32 of (t, b, e, n). Intervals of 16, 64 and 128 steps were not faster in one
@@ -331,8 +336,13 @@ def selective_scan(
 
     if mode == "associative":
         y, h_last = _associative_scan(x32, dt32, A32, B32, C32, h0)
-    elif mode == "sequential":
+    elif mode == "sequential" or (mode == "cpu_kernel" and jax.default_backend() != "cpu"):
         y, h_last = _sequential_scan(x32, dt32, A32, B32, C32, h0)
+    elif mode == "cpu_kernel":
+        if accumulation != jnp.float32:
+            raise ValueError(f"scan mode 'cpu_kernel' computes in float32, got {accumulation} "
+                             "inputs; use scan mode 'sequential'")
+        y, h_last = cpu_kernel.selective_scan(x32, dt32, A32, B32, C32, h0)
     else:  # chunked
         y, h_last = _chunked_scan(x32, dt32, A32, B32, C32, h0, chunk_size)
     return y.astype(jnp.result_type(x)), h_last

@@ -336,7 +336,7 @@ def test_bfloat16_training_stays_finite():
     ("d_state", 0, r"d_state must be an integer >= 1, got 0"),
     ("expand", -1, r"expand must be an integer >= 1, got -1"),
     ("d_conv", 0, r"d_conv must be an integer >= 1, got 0"),
-    ("scan", "fast", r"scan must be one of \('associative', 'sequential', 'chunked'\), got 'fast'"),
+    ("scan", "fast", r"scan must be one of \('associative', 'sequential', 'chunked', 'cpu_kernel'\), got 'fast'"),
     ("chunk_size", 0, r"chunk_size must be an integer >= 1, got 0"),
     ("dt_rank", 0, r"dt_rank must be an integer >= 1, got 0"),
     ("dtype", "float16", r"dtype must be one of \('float32', 'bfloat16'\).*got 'float16'"),

@@ -1,4 +1,4 @@
-"""Selective scan: the three implementations against each other and against a plain numpy loop."""
+"""Selective scan: the four implementations against each other and against a plain numpy loop."""
 
 import functools
 import math
@@ -187,14 +187,18 @@ def test_scan_jvp_against_reference():
         np.testing.assert_allclose(dy, expected_dy, rtol=1e-4, atol=1e-5, err_msg=mode)
         np.testing.assert_allclose(dh, expected_dh, rtol=1e-4, atol=1e-5, err_msg=mode)
 
-    # The sequential mode is a jax.custom_vjp, which JAX cannot differentiate in forward mode.
-    def sequential(*arrays):
-        return selective_scan(*arrays[:5], h0=arrays[5], mode="sequential")
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(sequential, args, tangents)
+    # The sequential and cpu_kernel modes are jax.custom_vjp functions, which JAX cannot
+    # differentiate in forward mode.
+    for mode in ("sequential", "cpu_kernel"):
+        def custom_vjp_scan(*arrays, mode=mode):
+            return selective_scan(*arrays[:5], h0=arrays[5], mode=mode)
+        with pytest.raises(TypeError, match="forward-mode"):
+            jax.jvp(custom_vjp_scan, args, tangents)
 
 
-@pytest.mark.parametrize("mode", SCAN_MODES)
+# cpu_kernel computes in float32 only, where finite differences are too coarse; its gradients
+# are held equal to the autodiff reference in test_scan_gradients_match_autodiff_reference.
+@pytest.mark.parametrize("mode", [mode for mode in SCAN_MODES if mode != "cpu_kernel"])
 def test_scan_gradients_match_finite_differences(mode):
     previous_x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
@@ -233,7 +237,7 @@ def test_scan_rejects_mismatched_shapes():
         selective_scan(x, dt, A, B, C, h0=jnp.zeros((1, 1, 1)))
 
 
-@pytest.mark.parametrize("mode", ["chunked", "sequential"])
+@pytest.mark.parametrize("mode", ["chunked", "sequential", "cpu_kernel"])
 def test_scan_gradient_memory_does_not_store_every_state(mode):
     expanded, state = 64, 64
 
@@ -247,6 +251,7 @@ def test_scan_gradient_memory_does_not_store_every_state(mode):
 
     # When the sequence grows from 256 to 1024 steps, one (1, t, e, n) float32 tensor grows by
     # 12 MiB. The scratch memory of the gradient must grow by less than half of that: only
-    # (b, t, e) and (b, t, n) arrays and the states kept every 32 steps may scale with the length.
+    # (b, t, e) and (b, t, n) arrays and the states kept every 32 steps (16 for cpu_kernel) may
+    # scale with the length.
     full_tensor_growth = (1024 - 256) * expanded * state * 4
     assert scratch_bytes(1024) - scratch_bytes(256) < full_tensor_growth / 2

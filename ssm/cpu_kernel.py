@@ -1,0 +1,255 @@
+"""The `cpu_kernel` selective scan: a C++ kernel for the CPU, built on first use.
+
+On a CPU, XLA runs the `sequential` scan as a `while` loop whose every step launches several
+small kernels and copies slices in and out. `selective_scan_cpu.cc` runs the same recurrence as
+two XLA FFI handlers (forward and backward) that keep each block of 16 channels' state in
+registers for the whole sequence. It computes what the `sequential` mode computes, in float32,
+and keeps the same residuals (the state every 16 steps).
+
+The first use in a process compiles the source with the machine's C++ compiler (`$CXX`, else
+`g++`, `c++` or `clang++` on the PATH) and `-march=native`, and caches the library under
+`$SEQMODELS_KERNEL_CACHE`, else `$XDG_CACHE_HOME/seqmodels`, else `~/.cache/seqmodels`. The
+cache key covers the source, the compiler and its version, the flags, the JAX version and the
+CPU's instruction set extensions, so a home folder shared by different machines keeps one
+build per kind of machine. Without a compiler, the first use raises `KernelBuildError`.
+
+Under `jax.jit` with the batch sharded over devices, both handlers run on each device's part of
+the batch (`custom_partitioning`); the gradient of A is summed over the batch afterwards, which
+the partitioner turns into an all-reduce.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+SOURCE = Path(__file__).with_name("selective_scan_cpu.cc")
+# Must match kLanes, kInterval and `WithStateSize` in the source.
+LANES = 16
+KEPT_STATE_INTERVAL = 16
+STATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+FORWARD_TARGET = "seqmodels_selective_scan_forward"
+BACKWARD_TARGET = "seqmodels_selective_scan_backward"
+CACHE_ENV = "SEQMODELS_KERNEL_CACHE"
+COMPILERS = ("g++", "c++", "clang++")
+# -march=native lets the compiler use every vector extension of this CPU; the second set is for
+# compilers that do not accept it.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-ffp-contract=fast"),
+    ("-O3", "-ffp-contract=fast"),
+)
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be compiled or loaded."""
+
+
+def cache_folder() -> Path:
+    """Return the folder that holds built kernels."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "seqmodels"
+
+
+def find_compiler() -> str:
+    """Return the C++ compiler to build with: `$CXX`, else the first of `COMPILERS` found."""
+    if os.environ.get("CXX"):
+        compiler = shutil.which(os.environ["CXX"])
+        if compiler is None:
+            raise KernelBuildError(
+                f"the C++ compiler named by $CXX, {os.environ['CXX']!r}, was not found; "
+                "set CXX to an installed compiler, or use scan mode 'sequential'.")
+        return compiler
+    for name in COMPILERS:
+        compiler = shutil.which(name)
+        if compiler is not None:
+            return compiler
+    raise KernelBuildError(
+        f"scan mode 'cpu_kernel' needs a C++ compiler to build its kernel and found none of "
+        f"{', '.join(COMPILERS)} on the PATH; install one (Debian/Ubuntu: apt install g++), set "
+        "CXX, or use scan mode 'sequential'.")
+
+
+def _cpu_features() -> str:
+    """Return the CPU's flags line from /proc/cpuinfo where there is one, else the machine name."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _compile(compiler: str, flags: tuple[str, ...], output: Path) -> subprocess.CompletedProcess:
+    command = [compiler, *flags, "-std=c++17", "-fPIC", "-shared", "-w",
+               "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def build() -> Path:
+    """Compile the kernel unless the cache has it; return the path of the shared library."""
+    compiler = find_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=False).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), version.encode(), repr(FLAG_SETS).encode(),
+                 jax.__version__.encode(), _cpu_features().encode()):
+        key.update(part)
+        key.update(b"\0")
+    folder = cache_folder()
+    library = folder / f"selective_scan_cpu-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KernelBuildError(f"cannot create the kernel cache folder {folder}: {error}; set "
+                               f"{CACHE_ENV} to a writable folder.") from error
+    # Build under a temporary name and rename, so that processes building at once never load
+    # a half-written library.
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        partial = Path(scratch) / library.name
+        for flags in FLAG_SETS:
+            result = _compile(compiler, flags, partial)
+            if result.returncode == 0:
+                os.replace(partial, library)
+                return library
+        details = result.stderr.strip().splitlines()[-5:]
+        raise KernelBuildError(
+            f"{compiler} failed to build {SOURCE.name}:\n" + "\n".join(details)
+            + "\nUse scan mode 'sequential' instead.")
+
+
+@functools.cache
+def load() -> None:
+    """Build the kernel if needed and register its handlers with XLA, once per process."""
+    library_path = build()
+    try:
+        library = ctypes.CDLL(str(library_path))
+    except OSError as error:
+        raise KernelBuildError(f"cannot load {library_path}: {error}; delete it to rebuild.") \
+            from error
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.SelectiveScanForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET,
+                                jax.ffi.pycapsule(library.SelectiveScanBackward), platform="cpu")
+
+
+def _forward_call(x, dt, A, B, C, h0):
+    batch, length, channels = x.shape
+    intervals = -(-length // KEPT_STATE_INTERVAL)
+    shapes = (x.shape, h0.shape, (batch, intervals, A.shape[1], channels))
+    return jax.ffi.ffi_call(
+        FORWARD_TARGET, tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes))(
+            x, dt, A, B, C, h0)
+
+
+def _backward_call(x, dt, A, B, C, kept, dy, dh_last):
+    # The gradient of A comes per batch row, (b, e, n), so that each device returns its own part.
+    shapes = (x.shape, x.shape, dh_last.shape, B.shape, B.shape, dh_last.shape)
+    return jax.ffi.ffi_call(
+        BACKWARD_TARGET, tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes))(
+            x, dt, A, B, C, kept, dy, dh_last)
+
+
+def _split_over_batch(function, sharding_rule: str):
+    """Wrap `function` so that a batch-sharded call runs on each device's rows.
+
+    Every operand and result has the batch first, except A (argument 2), which is replicated.
+    Other dimensions are gathered if they arrive sharded.
+    """
+    wrapped = custom_partitioning(function)
+
+    def sharding(mesh, rank, batch_axes):
+        return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (rank - 1))))
+
+    def batch_axes_of(arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        return spec[0] if len(spec) else None
+
+    def result_shardings(mesh, arg_shapes, result_shape):
+        batch_axes = batch_axes_of(arg_shapes)
+        return tuple(sharding(mesh, len(result.shape), batch_axes) for result in result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        batch_axes = batch_axes_of(arg_shapes)
+        arg_shardings = tuple(
+            NamedSharding(mesh, PartitionSpec()) if index == 2
+            else sharding(mesh, len(arg.shape), batch_axes)
+            for index, arg in enumerate(arg_shapes))
+        return mesh, function, result_shardings(mesh, arg_shapes, result_shape), arg_shardings
+
+    wrapped.def_partition(partition, infer_sharding_from_operands=result_shardings,
+                          sharding_rule=sharding_rule,
+                          need_replication_factors=("t", "e", "n", "k"))
+    return wrapped
+
+
+_forward = _split_over_batch(
+    _forward_call, "b t e, b t e, e n, b t n, b t n, b e n -> b t e, b e n, b k n e")
+_backward = _split_over_batch(
+    _backward_call, "b t e, b t e, e n, b t n, b t n, b k n e, b t e, b e n -> "
+                    "b t e, b t e, b e n, b t n, b t n, b e n")
+
+
+@jax.custom_vjp
+def _scan(x, dt, A, B, C, h0):
+    y, h_last, _ = _forward(x, dt, A, B, C, h0)
+    return y, h_last
+
+
+def _scan_forward(x, dt, A, B, C, h0):
+    y, h_last, kept = _forward(x, dt, A, B, C, h0)
+    return (y, h_last), (x, dt, A, B, C, kept)
+
+
+def _scan_backward(residuals, cotangents):
+    dx, d_dt, dA_ben, dB, dC, dh0 = _backward(*residuals, *cotangents)
+    return dx, d_dt, dA_ben.sum(0), dB, dC, dh0
+
+
+_scan.defvjp(_scan_forward, _scan_backward)
+
+
+def _padded_state_size(state_size: int) -> int:
+    for size in STATE_SIZES:
+        if size >= state_size:
+            return size
+    raise ValueError(f"scan mode 'cpu_kernel' supports state sizes up to {STATE_SIZES[-1]}, got "
+                     f"{state_size}; use scan mode 'sequential'.")
+
+
+def selective_scan(x, dt, A, B, C, h0):
+    """Run the recurrence of `ssm.scan` with the C++ kernel; return y and the final state.
+
+    All inputs are float32 with the shapes of `ssm.scan.selective_scan`, h0 included. Channels
+    are padded to a multiple of 16 and the state size to the next of `STATE_SIZES`; padded
+    channels have dt = 0 and padded states B = C = 0, so neither changes the result.
+    """
+    load()
+    channels, state_size = A.shape
+    channel_padding = -channels % LANES
+    state_padding = _padded_state_size(state_size) - state_size
+    if channel_padding or state_padding:
+        def pad(array, widths):
+            return jnp.pad(array, [(0, 0)] * (array.ndim - len(widths)) + list(widths))
+
+        x, dt = (pad(array, [(0, channel_padding)]) for array in (x, dt))
+        B, C = (pad(array, [(0, state_padding)]) for array in (B, C))
+        h0 = pad(h0, [(0, channel_padding), (0, state_padding)])
+        A = jnp.pad(A, [(0, channel_padding), (0, state_padding)], constant_values=-1.0)
+    y, h_last = _scan(x, dt, A, B, C, h0)
+    return y[..., :channels], h_last[:, :channels, :state_size]
