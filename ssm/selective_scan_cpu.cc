@@ -45,66 +45,102 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
-// exp(x) in float32 for x <= 88.7: x = k ln 2 + r with |r| <= ln 2 / 2, then exp(r) from its
-// Taylor polynomial of degree 7 (truncation error below 6e-9) times 2^k built in the exponent
-// bits. Inputs below -87.3 give 0, where float32 would turn subnormal.
-inline Vec Exp(Vec x) {
-  const Vec lowest = Splat(-87.33654f), highest = Splat(88.72283f);
-  Vec clamped = x < lowest ? lowest : x;
+// 2^v in float32 for v <= 127: v = k + r with integer k and |r| <= 1/2, then 2^r = exp(r ln 2)
+// from its Taylor polynomial of degree 7 (truncation error below 6e-9) times 2^k built in the
+// exponent bits. Inputs below -126 give 0, where float32 would turn subnormal. The decays are
+// exp(dt * A) = 2^(dt * A log2(e)), so the kernels scale A by log2(e) once.
+inline Vec Exp2(Vec v) {
+  const Vec lowest = Splat(-126.f), highest = Splat(127.f);
+  Vec clamped = v < lowest ? lowest : v;
   clamped = clamped > highest ? highest : clamped;
   // Adding 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer.
   const float round_to_integer = 12582912.0f;
-  const Vec k = (clamped * 1.44269504088896341f + round_to_integer) - round_to_integer;
-  // ln 2 in two parts, the first exact in float32, so r keeps its low bits.
-  Vec r = clamped - k * 0.693145751953125f;
-  r = r - k * 1.428606765330187e-06f;
-  Vec p = Splat(1.f / 5040);
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
+  const Vec k = (clamped + round_to_integer) - round_to_integer;
+  const Vec r = clamped - k;
+  Vec p = Splat(1.525273380405984e-05f);  // ln(2)^7 / 7!
+  p = p * r + 1.540353039338161e-04f;
+  p = p * r + 1.333355814642844e-03f;
+  p = p * r + 9.618129107628477e-03f;
+  p = p * r + 5.550410866482158e-02f;
+  p = p * r + 2.402265069591007e-01f;
+  p = p * r + 6.931471805599453e-01f;
   p = p * r + 1.f;
   const IntVec exponent_bits = (__builtin_convertvector(k, IntVec) + 127) << 23;
   Vec scale;
   std::memcpy(&scale, &exponent_bits, sizeof scale);
-  return x < lowest ? Splat(0.f) : p * scale;
+  return v < lowest ? Splat(0.f) : p * scale;
 }
 
-// Element (e, n) of a (e, n) array for the kLanes channels from e0, as one vector.
-inline Vec LoadChannelsOf(const float* en, int64_t num_states, int64_t e0, int64_t n) {
-  float lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = en[(e0 + l) * num_states + n];
-  return Load(lanes);
+constexpr float kLog2E = 1.44269504088896341f;
+constexpr float kLn2 = 0.69314718055994531f;
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IntVec{__VA_ARGS__})
+#endif
+
+// Sums of lanes of 16 vectors: lane j of the result is the sum of the lanes of v[j]. Four rounds
+// each add two halves of every vector, pairing vectors so that no lane is wasted, then one
+// shuffle undoes the bit-reversed order the rounds leave.
+inline Vec SumLanesOf16(Vec (&v)[16]) {
+  Vec w[8], u[4], q[2];
+  for (int i = 0; i < 8; ++i)
+    w[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                   31);
+  for (int i = 0; i < 4; ++i)
+    u[i] = SHUFFLE(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           SHUFFLE(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30,
+                   31);
+  for (int i = 0; i < 2; ++i)
+    q[i] = SHUFFLE(u[2 * i], u[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           SHUFFLE(u[2 * i], u[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const Vec r = SHUFFLE(q[0], q[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                SHUFFLE(q[0], q[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return SHUFFLE(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
 
-inline void StoreChannelsOf(float* en, int64_t num_states, int64_t e0, int64_t n, Vec v) {
-  float lanes[kLanes];
-  Store(lanes, v);
-  for (int64_t l = 0; l < kLanes; ++l) en[(e0 + l) * num_states + n] = lanes[l];
+// Adds the lane sums of kN vectors to out[0 .. kN - 1], 16 at a time.
+template <int kN>
+inline void AddSumsOfLanes(const Vec (&v)[kN], float* out) {
+  for (int first = 0; first < kN; first += 16) {
+    Vec group[16];
+    for (int j = 0; j < 16; ++j) group[j] = first + j < kN ? v[first + j] : Splat(0.f);
+    const Vec sums = SumLanesOf16(group);
+    if constexpr (kN >= 16) {
+      Store(out + first, Load(out + first) + sums);
+    } else {
+      float lanes[kLanes];
+      Store(lanes, sums);
+      for (int j = 0; j < kN; ++j) out[j] += lanes[j];
+    }
+  }
+}
+
+// Writes the (e, n) array `en` as (n, e), times `scale`.
+void Transpose(const float* en, int64_t channels, int64_t states, float scale, float* ne) {
+  for (int64_t e = 0; e < channels; ++e)
+    for (int64_t n = 0; n < states; ++n) ne[n * channels + e] = en[e * states + n] * scale;
 }
 
 struct Sizes {
   int64_t batch, length, channels, states, intervals;
 };
 
-// Forward pass of one batch row over channels e0 .. e0 + kLanes - 1. Pointers start at the row.
+// One interval of steps [start, end) of one batch row, channels e0 .. e0 + kLanes - 1, forward.
+// h_start and h_end are (n, e) states; pointers start at the batch row.
 template <int kN>
-void ForwardBlock(const Sizes& s, int64_t e0, const float* x, const float* dt, const float* A,
-                  const float* B, const float* C, const float* h0, float* y, float* h_last,
-                  float* kept) {
+void ForwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0, const float* x,
+                     const float* dt, const float* A2, const float* B, const float* C,
+                     const float* h_start, float* h_end, float* y) {
   const int64_t E = s.channels;
-  Vec h[kN], A_n[kN];
+  Vec h[kN], A2_n[kN];
   for (int n = 0; n < kN; ++n) {
-    A_n[n] = LoadChannelsOf(A, kN, e0, n);
-    h[n] = LoadChannelsOf(h0, kN, e0, n);
+    A2_n[n] = Load(A2 + n * E + e0);
+    h[n] = Load(h_start + n * E + e0);
   }
-  for (int64_t t = 0; t < s.length; ++t) {
-    if (t % kInterval == 0) {
-      float* kept_interval = kept + (t / kInterval) * kN * E + e0;
-      for (int n = 0; n < kN; ++n) Store(kept_interval + n * E, h[n]);
-    }
+  for (int64_t t = start; t < end; ++t) {
     const Vec dt_t = Load(dt + t * E + e0);
     const Vec dt_x = dt_t * Load(x + t * E + e0);
     const float* B_t = B + t * kN;
@@ -112,72 +148,73 @@ void ForwardBlock(const Sizes& s, int64_t e0, const float* x, const float* dt, c
     Vec y_t = Splat(0.f);
 #pragma GCC unroll 64
     for (int n = 0; n < kN; ++n) {
-      h[n] = Exp(dt_t * A_n[n]) * h[n] + dt_x * B_t[n];
+      h[n] = Exp2(dt_t * A2_n[n]) * h[n] + dt_x * B_t[n];
       y_t += h[n] * C_t[n];
     }
     Store(y + t * E + e0, y_t);
   }
-  for (int n = 0; n < kN; ++n) StoreChannelsOf(h_last, kN, e0, n, h[n]);
+  for (int n = 0; n < kN; ++n) Store(h_end + n * E + e0, h[n]);
 }
 
-// Backward pass of one batch row over channels e0 .. e0 + kLanes - 1. dA (e, n) accumulates;
-// dB_lanes and dC_lanes (t, n, kLanes) accumulate per-lane partial sums over channel blocks.
+// The same interval and channels, backward. dh (n, e) holds the cotangent of the state after
+// the interval and leaves with the one before it; dA2 (n, e) accumulates the gradient of A;
+// dB and dC (t, n) accumulate over channel blocks.
 template <int kN>
-void BackwardBlock(const Sizes& s, int64_t e0, const float* x, const float* dt, const float* A,
-                   const float* B, const float* C, const float* kept, const float* dy,
-                   const float* dh_last, float* dx, float* d_dt, float* dA, float* dB_lanes,
-                   float* dC_lanes, float* dh0, Vec (*states)[kN], Vec (*decays)[kN]) {
-  // states[i] is the state before step i of the interval, states[kInterval] the one after it;
-  // decays[i] is the decay of step i. Both come from the caller, to keep them off the stack.
+void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0, const float* x,
+                      const float* dt, const float* A2, const float* B, const float* C,
+                      const float* h_start, const float* dy, float* dh_ne, float* dA_ne,
+                      float* dx, float* d_dt, float* dB, float* dC, Vec (*states)[kN],
+                      Vec (*decays)[kN]) {
+  // states[i] is the state before step start + i, states[end - start] the one after the
+  // interval; decays[i] is the decay of step start + i. Both come from the caller, to keep them
+  // off the stack.
   const int64_t E = s.channels;
-  Vec A_n[kN], dh[kN], dA_n[kN];
+  Vec A2_n[kN], dh[kN], dA_n[kN];
   for (int n = 0; n < kN; ++n) {
-    A_n[n] = LoadChannelsOf(A, kN, e0, n);
-    dh[n] = LoadChannelsOf(dh_last, kN, e0, n);
-    dA_n[n] = Splat(0.f);
+    A2_n[n] = Load(A2 + n * E + e0);
+    dh[n] = Load(dh_ne + n * E + e0);
+    dA_n[n] = Load(dA_ne + n * E + e0);
+    states[0][n] = Load(h_start + n * E + e0);
   }
-  for (int64_t k = s.intervals - 1; k >= 0; --k) {
-    const int64_t start = k * kInterval, end = std::min(s.length, start + kInterval);
-    for (int n = 0; n < kN; ++n) states[0][n] = Load(kept + k * kN * E + n * E + e0);
-    for (int64_t t = start; t < end; ++t) {
-      const int64_t i = t - start;
-      const Vec dt_t = Load(dt + t * E + e0);
-      const Vec dt_x = dt_t * Load(x + t * E + e0);
+  for (int64_t t = start; t < end; ++t) {
+    const int64_t i = t - start;
+    const Vec dt_t = Load(dt + t * E + e0);
+    const Vec dt_x = dt_t * Load(x + t * E + e0);
 #pragma GCC unroll 64
-      for (int n = 0; n < kN; ++n) {
-        decays[i][n] = Exp(dt_t * A_n[n]);
-        states[i + 1][n] = decays[i][n] * states[i][n] + dt_x * B[t * kN + n];
-      }
-    }
-    for (int64_t t = end - 1; t >= start; --t) {
-      const int64_t i = t - start;
-      const Vec dt_t = Load(dt + t * E + e0);
-      const Vec x_t = Load(x + t * E + e0);
-      const Vec dt_x = dt_t * x_t;
-      const Vec dy_t = Load(dy + t * E + e0);
-      Vec d_dt_x = Splat(0.f), d_dt_from_decay = Splat(0.f);
-#pragma GCC unroll 64
-      for (int n = 0; n < kN; ++n) {
-        // Cotangent of h_t: from y_t, and from h_{t+1} through its decay (already in dh).
-        const Vec g = dh[n] + dy_t * C[t * kN + n];
-        float* dC_tn = dC_lanes + (t * kN + n) * kLanes;
-        float* dB_tn = dB_lanes + (t * kN + n) * kLanes;
-        Store(dC_tn, Load(dC_tn) + states[i + 1][n] * dy_t);
-        Store(dB_tn, Load(dB_tn) + g * dt_x);
-        d_dt_x += g * B[t * kN + n];
-        // Cotangent of dt * A, through decay = exp(dt * A).
-        const Vec d_dt_A = g * states[i][n] * decays[i][n];
-        d_dt_from_decay += d_dt_A * A_n[n];
-        dA_n[n] += d_dt_A * dt_t;
-        dh[n] = decays[i][n] * g;
-      }
-      Store(dx + t * E + e0, d_dt_x * dt_t);
-      Store(d_dt + t * E + e0, d_dt_x * x_t + d_dt_from_decay);
+    for (int n = 0; n < kN; ++n) {
+      decays[i][n] = Exp2(dt_t * A2_n[n]);
+      states[i + 1][n] = decays[i][n] * states[i][n] + dt_x * B[t * kN + n];
     }
   }
+  for (int64_t t = end - 1; t >= start; --t) {
+    const int64_t i = t - start;
+    const Vec dt_t = Load(dt + t * E + e0);
+    const Vec x_t = Load(x + t * E + e0);
+    const Vec dt_x = dt_t * x_t;
+    const Vec dy_t = Load(dy + t * E + e0);
+    Vec d_dt_x = Splat(0.f), d_dt_A2 = Splat(0.f), dB_n[kN], dC_n[kN];
+#pragma GCC unroll 64
+    for (int n = 0; n < kN; ++n) {
+      // Cotangent of h_t: from y_t, and from h_{t+1} through its decay (already in dh).
+      const Vec g = dh[n] + dy_t * C[t * kN + n];
+      dC_n[n] = states[i + 1][n] * dy_t;
+      dB_n[n] = g * dt_x;
+      d_dt_x += g * B[t * kN + n];
+      // Cotangent of dt * A, through decay = exp(dt * A).
+      const Vec d_dt_A = g * states[i][n] * decays[i][n];
+      d_dt_A2 += d_dt_A * A2_n[n];
+      dA_n[n] += d_dt_A * dt_t;
+      dh[n] = decays[i][n] * g;
+    }
+    AddSumsOfLanes<kN>(dB_n, dB + t * kN);
+    AddSumsOfLanes<kN>(dC_n, dC + t * kN);
+    Store(dx + t * E + e0, d_dt_x * dt_t);
+    // d_dt_A2 sums d_dt_A * A log2(e); times ln 2 it is the sum of d_dt_A * A.
+    Store(d_dt + t * E + e0, d_dt_x * x_t + d_dt_A2 * kLn2);
+  }
   for (int n = 0; n < kN; ++n) {
-    StoreChannelsOf(dA, kN, e0, n, dA_n[n]);
-    StoreChannelsOf(dh0, kN, e0, n, dh[n]);
+    Store(dh_ne + n * E + e0, dh[n]);
+    Store(dA_ne + n * E + e0, dA_n[n]);
   }
 }
 
@@ -196,17 +233,28 @@ bool WithStateSize(int64_t n, Args&&... args) {
   }
 }
 
+// Both passes go interval by interval and, within one, channel block by channel block, so that
+// the rows of the interval stay in cache while all blocks read them.
 template <int kN>
 struct RunForward {
   static void Run(const Sizes& s, const float* x, const float* dt, const float* A,
                   const float* B, const float* C, const float* h0, float* y, float* h_last,
                   float* kept) {
-    const int64_t T = s.length, E = s.channels;
-    for (int64_t b = 0; b < s.batch; ++b)
-      for (int64_t e0 = 0; e0 < E; e0 += kLanes)
-        ForwardBlock<kN>(s, e0, x + b * T * E, dt + b * T * E, A, B + b * T * kN,
-                         C + b * T * kN, h0 + b * E * kN, y + b * T * E, h_last + b * E * kN,
-                         kept + b * s.intervals * kN * E);
+    const int64_t T = s.length, E = s.channels, K = s.intervals;
+    std::vector<float> A2(kN * E), h_end(kN * E);
+    Transpose(A, E, kN, kLog2E, A2.data());
+    for (int64_t b = 0; b < s.batch; ++b) {
+      float* kept_b = kept + b * K * kN * E;
+      Transpose(h0 + b * E * kN, E, kN, 1.f, kept_b);
+      for (int64_t k = 0; k < K; ++k) {
+        float* next = k + 1 < K ? kept_b + (k + 1) * kN * E : h_end.data();
+        for (int64_t e0 = 0; e0 < E; e0 += kLanes)
+          ForwardInterval<kN>(s, k * kInterval, std::min(T, (k + 1) * kInterval), e0,
+                              x + b * T * E, dt + b * T * E, A2.data(), B + b * T * kN,
+                              C + b * T * kN, kept_b + k * kN * E, next, y + b * T * E);
+      }
+      Transpose(h_end.data(), kN, E, 1.f, h_last + b * E * kN);
+    }
   }
 };
 
@@ -216,29 +264,26 @@ struct RunBackward {
                   const float* B, const float* C, const float* kept, const float* dy,
                   const float* dh_last, float* dx, float* d_dt, float* dA, float* dB, float* dC,
                   float* dh0) {
-    const int64_t T = s.length, E = s.channels;
-    std::vector<float> dB_lanes(T * kN * kLanes), dC_lanes(T * kN * kLanes);
+    const int64_t T = s.length, E = s.channels, K = s.intervals;
+    std::vector<float> A2(kN * E), dh(kN * E), dA_ne(kN * E);
+    Transpose(A, E, kN, kLog2E, A2.data());
     std::vector<Vec> states((kInterval + 1) * kN), decays(kInterval * kN);
     auto* states_by_step = reinterpret_cast<Vec(*)[kN]>(states.data());
     auto* decays_by_step = reinterpret_cast<Vec(*)[kN]>(decays.data());
+    std::fill(dB, dB + s.batch * T * kN, 0.f);
+    std::fill(dC, dC + s.batch * T * kN, 0.f);
     for (int64_t b = 0; b < s.batch; ++b) {
-      std::fill(dB_lanes.begin(), dB_lanes.end(), 0.f);
-      std::fill(dC_lanes.begin(), dC_lanes.end(), 0.f);
-      for (int64_t e0 = 0; e0 < E; e0 += kLanes)
-        BackwardBlock<kN>(s, e0, x + b * T * E, dt + b * T * E, A, B + b * T * kN,
-                          C + b * T * kN, kept + b * s.intervals * kN * E, dy + b * T * E,
-                          dh_last + b * E * kN, dx + b * T * E, d_dt + b * T * E,
-                          dA + b * E * kN, dB_lanes.data(), dC_lanes.data(), dh0 + b * E * kN,
-                          states_by_step, decays_by_step);
-      for (int64_t i = 0; i < T * kN; ++i) {
-        float sum_B = 0.f, sum_C = 0.f;
-        for (int64_t l = 0; l < kLanes; ++l) {
-          sum_B += dB_lanes[i * kLanes + l];
-          sum_C += dC_lanes[i * kLanes + l];
-        }
-        dB[b * T * kN + i] = sum_B;
-        dC[b * T * kN + i] = sum_C;
-      }
+      Transpose(dh_last + b * E * kN, E, kN, 1.f, dh.data());
+      std::fill(dA_ne.begin(), dA_ne.end(), 0.f);
+      for (int64_t k = K - 1; k >= 0; --k)
+        for (int64_t e0 = 0; e0 < E; e0 += kLanes)
+          BackwardInterval<kN>(s, k * kInterval, std::min(T, (k + 1) * kInterval), e0,
+                               x + b * T * E, dt + b * T * E, A2.data(), B + b * T * kN,
+                               C + b * T * kN, kept + (b * K + k) * kN * E, dy + b * T * E,
+                               dh.data(), dA_ne.data(), dx + b * T * E, d_dt + b * T * E,
+                               dB + b * T * kN, dC + b * T * kN, states_by_step, decays_by_step);
+      Transpose(dh.data(), kN, E, 1.f, dh0 + b * E * kN);
+      Transpose(dA_ne.data(), kN, E, 1.f, dA + b * E * kN);
     }
   }
 };
