@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -128,6 +129,20 @@ struct Sizes {
   int64_t batch, length, channels, states, intervals;
 };
 
+// Asks the cache for the rows [start, end) of the block of channels kPrefetchBlocks blocks after
+// e0 in each (t, e) array: the blocks of an interval read 64 bytes of each row, 2 KiB apart at
+// e = 512, a pattern the hardware prefetcher does not follow. Measured on a 2-core x86 CPU inside
+// a training step: ...
+constexpr int64_t kPrefetchBlocks = 2;
+
+void PrefetchBlockAhead(const Sizes& s, int64_t start, int64_t end, int64_t e0,
+                        std::initializer_list<const float*> arrays) {
+  const int64_t ahead = e0 + kPrefetchBlocks * kLanes;
+  if (ahead >= s.channels) return;
+  for (const float* array : arrays)
+    for (int64_t t = start; t < end; ++t) __builtin_prefetch(array + t * s.channels + ahead);
+}
+
 // One interval of steps [start, end) of one batch row, channels e0 .. e0 + kLanes - 1, forward.
 // h_start and h_end are (n, e) states; pointers start at the batch row.
 template <int kN>
@@ -140,6 +155,7 @@ void ForwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0, con
     A2_n[n] = Load(A2 + n * E + e0);
     h[n] = Load(h_start + n * E + e0);
   }
+  PrefetchBlockAhead(s, start, end, e0, {x, dt});
   for (int64_t t = start; t < end; ++t) {
     const Vec dt_t = Load(dt + t * E + e0);
     const Vec dt_x = dt_t * Load(x + t * E + e0);
@@ -176,6 +192,8 @@ void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0, co
     dA_n[n] = Load(dA_ne + n * E + e0);
     states[0][n] = Load(h_start + n * E + e0);
   }
+  PrefetchBlockAhead(s, start, end, e0, {x, dt, dy});
+  PrefetchBlockAhead(s, 0, kN, e0, {h_start});
   for (int64_t t = start; t < end; ++t) {
     const int64_t i = t - start;
     const Vec dt_t = Load(dt + t * E + e0);
