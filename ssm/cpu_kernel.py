@@ -38,8 +38,13 @@ SOURCE = Path(__file__).with_name("selective_scan_cpu.cc")
 LANES = 16
 KEPT_STATE_INTERVAL = 16
 STATE_SIZES = (1, 2, 4, 8, 16, 32, 64)
-FORWARD_TARGET = "seqmodels_selective_scan_forward"
-BACKWARD_TARGET = "seqmodels_selective_scan_backward"
+# XLA custom-call target name -> symbol of the handler in the library.
+TARGETS = {
+    "seqmodels_selective_scan_forward": "SelectiveScanForward",
+    "seqmodels_selective_scan_backward": "SelectiveScanBackward",
+    "seqmodels_gated_selective_scan_forward": "GatedSelectiveScanForward",
+    "seqmodels_gated_selective_scan_backward": "GatedSelectiveScanBackward",
+}
 CACHE_ENV = "SEQMODELS_KERNEL_CACHE"
 COMPILERS = ("g++", "c++", "clang++")
 # -march=native lets the compiler use every vector extension of this CPU; the second set is for
@@ -142,34 +147,53 @@ def load() -> None:
     except OSError as error:
         raise KernelBuildError(f"cannot load {library_path}: {error}; delete it to rebuild.") \
             from error
-    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.SelectiveScanForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(BACKWARD_TARGET,
-                                jax.ffi.pycapsule(library.SelectiveScanBackward), platform="cpu")
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+
+
+def _call(target, result_shapes, *operands):
+    results = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in result_shapes)
+    return jax.ffi.ffi_call(target, results)(*operands)
+
+
+def _kept_shape(x, A):
+    batch, length, channels = x.shape
+    return (batch, -(-length // KEPT_STATE_INTERVAL), A.shape[1], channels)
 
 
 def _forward_call(x, dt, A, B, C, h0):
-    batch, length, channels = x.shape
-    intervals = -(-length // KEPT_STATE_INTERVAL)
-    shapes = (x.shape, h0.shape, (batch, intervals, A.shape[1], channels))
-    return jax.ffi.ffi_call(
-        FORWARD_TARGET, tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes))(
-            x, dt, A, B, C, h0)
+    return _call("seqmodels_selective_scan_forward", (x.shape, h0.shape, _kept_shape(x, A)),
+                 x, dt, A, B, C, h0)
 
 
 def _backward_call(x, dt, A, B, C, kept, dy, dh_last):
     # The gradient of A comes per batch row, (b, e, n), so that each device returns its own part.
-    shapes = (x.shape, x.shape, dh_last.shape, B.shape, B.shape, dh_last.shape)
-    return jax.ffi.ffi_call(
-        BACKWARD_TARGET, tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes))(
-            x, dt, A, B, C, kept, dy, dh_last)
+    return _call("seqmodels_selective_scan_backward",
+                 (x.shape, x.shape, dh_last.shape, B.shape, B.shape, dh_last.shape),
+                 x, dt, A, B, C, kept, dy, dh_last)
 
 
-def _split_over_batch(function, sharding_rule: str):
+def _gated_forward_call(x, dt_raw, dt_bias, A, B, C, D, z, h0):
+    return _call("seqmodels_gated_selective_scan_forward", (x.shape, h0.shape, _kept_shape(x, A)),
+                 x, dt_raw, dt_bias, A, B, C, D, z, h0)
+
+
+def _gated_backward_call(x, dt_raw, dt_bias, A, B, C, D, z, kept, d_out, dh_last):
+    # The gradients of A, D and dt_bias come per batch row, as that of A above.
+    rows = x.shape[:1] + D.shape
+    return _call("seqmodels_gated_selective_scan_backward",
+                 (x.shape, x.shape, dh_last.shape, B.shape, B.shape, dh_last.shape, rows, x.shape,
+                  rows),
+                 x, dt_raw, dt_bias, A, B, C, D, z, kept, d_out, dh_last)
+
+
+def _split_over_batch(function, sharding_rule: str, replicated: tuple[int, ...]):
     """Wrap `function` so that a batch-sharded call runs on each device's rows.
 
-    Every operand and result has the batch first, except A (argument 2), which is replicated.
-    Other dimensions are gathered if they arrive sharded.
+    Every operand and result has the batch first, except the arguments at the indices
+    `replicated` (A, D, dt_bias), which every device gets whole. Other dimensions are gathered if
+    they arrive sharded.
     """
     wrapped = custom_partitioning(function)
 
@@ -187,7 +211,7 @@ def _split_over_batch(function, sharding_rule: str):
     def partition(mesh, arg_shapes, result_shape):
         batch_axes = batch_axes_of(arg_shapes)
         arg_shardings = tuple(
-            NamedSharding(mesh, PartitionSpec()) if index == 2
+            NamedSharding(mesh, PartitionSpec()) if index in replicated
             else sharding(mesh, len(arg.shape), batch_axes)
             for index, arg in enumerate(arg_shapes))
         return mesh, function, result_shardings(mesh, arg_shapes, result_shape), arg_shardings
@@ -199,10 +223,19 @@ def _split_over_batch(function, sharding_rule: str):
 
 
 _forward = _split_over_batch(
-    _forward_call, "b t e, b t e, e n, b t n, b t n, b e n -> b t e, b e n, b k n e")
+    _forward_call, "b t e, b t e, e n, b t n, b t n, b e n -> b t e, b e n, b k n e",
+    replicated=(2,))
 _backward = _split_over_batch(
     _backward_call, "b t e, b t e, e n, b t n, b t n, b k n e, b t e, b e n -> "
-                    "b t e, b t e, b e n, b t n, b t n, b e n")
+                    "b t e, b t e, b e n, b t n, b t n, b e n", replicated=(2,))
+_gated_forward = _split_over_batch(
+    _gated_forward_call,
+    "b t e, b t e, e, e n, b t n, b t n, e, b t e, b e n -> b t e, b e n, b k n e",
+    replicated=(2, 3, 6))
+_gated_backward = _split_over_batch(
+    _gated_backward_call,
+    "b t e, b t e, e, e n, b t n, b t n, e, b t e, b k n e, b t e, b e n -> "
+    "b t e, b t e, b e n, b t n, b t n, b e n, b e, b t e, b e", replicated=(2, 3, 6))
 
 
 @jax.custom_vjp
@@ -224,6 +257,26 @@ def _scan_backward(residuals, cotangents):
 _scan.defvjp(_scan_forward, _scan_backward)
 
 
+@jax.custom_vjp
+def _gated_scan(x, dt_raw, dt_bias, A, B, C, D, z, h0):
+    out, h_last, _ = _gated_forward(x, dt_raw, dt_bias, A, B, C, D, z, h0)
+    return out, h_last
+
+
+def _gated_scan_forward(x, dt_raw, dt_bias, A, B, C, D, z, h0):
+    out, h_last, kept = _gated_forward(x, dt_raw, dt_bias, A, B, C, D, z, h0)
+    return (out, h_last), (x, dt_raw, dt_bias, A, B, C, D, z, kept)
+
+
+def _gated_scan_backward(residuals, cotangents):
+    dx, d_dt_raw, dA_ben, dB, dC, dh0, dD_be, dz, d_dt_bias_be = _gated_backward(
+        *residuals, *cotangents)
+    return (dx, d_dt_raw, d_dt_bias_be.sum(0), dA_ben.sum(0), dB, dC, dD_be.sum(0), dz, dh0)
+
+
+_gated_scan.defvjp(_gated_scan_forward, _gated_scan_backward)
+
+
 def _padded_state_size(state_size: int) -> int:
     for size in STATE_SIZES:
         if size >= state_size:
@@ -232,24 +285,52 @@ def _padded_state_size(state_size: int) -> int:
                      f"{state_size}; use scan mode 'sequential'.")
 
 
+def _pad(array, widths, value=0.0):
+    """Pad the trailing axes of `array` at their ends by `widths`."""
+    if not any(widths):
+        return array
+    leading = [(0, 0)] * (array.ndim - len(widths))
+    return jnp.pad(array, leading + [(0, width) for width in widths], constant_values=value)
+
+
+def _paddings(A):
+    """Return the channel and state padding that the kernel needs for A (e, n)."""
+    channels, state_size = A.shape
+    return -channels % LANES, _padded_state_size(state_size) - state_size
+
+
 def selective_scan(x, dt, A, B, C, h0):
     """Run the recurrence of `ssm.scan` with the C++ kernel; return y and the final state.
 
     All inputs are float32 with the shapes of `ssm.scan.selective_scan`, h0 included. Channels
     are padded to a multiple of 16 and the state size to the next of `STATE_SIZES`; padded
-    channels have dt = 0 and padded states B = C = 0, so neither changes the result.
+    channels have x = 0 and padded states B = C = 0, so neither changes the result.
     """
     load()
     channels, state_size = A.shape
-    channel_padding = -channels % LANES
-    state_padding = _padded_state_size(state_size) - state_size
-    if channel_padding or state_padding:
-        def pad(array, widths):
-            return jnp.pad(array, [(0, 0)] * (array.ndim - len(widths)) + list(widths))
-
-        x, dt = (pad(array, [(0, channel_padding)]) for array in (x, dt))
-        B, C = (pad(array, [(0, state_padding)]) for array in (B, C))
-        h0 = pad(h0, [(0, channel_padding), (0, state_padding)])
-        A = jnp.pad(A, [(0, channel_padding), (0, state_padding)], constant_values=-1.0)
-    y, h_last = _scan(x, dt, A, B, C, h0)
+    channel_padding, state_padding = _paddings(A)
+    y, h_last = _scan(
+        _pad(x, [channel_padding]), _pad(dt, [channel_padding]),
+        _pad(A, [channel_padding, state_padding], value=-1.0), _pad(B, [state_padding]),
+        _pad(C, [state_padding]), _pad(h0, [channel_padding, state_padding]))
     return y[..., :channels], h_last[:, :channels, :state_size]
+
+
+def gated_selective_scan(x, dt_raw, dt_bias, A, B, C, D, z, h0):
+    """Run the Mamba mixer's scan with its step size and output gate in one kernel.
+
+    Returns ((y + D x) * silu(z), h_last), where y and h_last are those of
+    `selective_scan(x, softplus(dt_raw + dt_bias), A, B, C, h0)`. dt_bias and D are (e,), z is
+    (b, t, e) like x, and all inputs are float32. The softplus and SiLU inside the kernel use
+    their own float32 exp and log1p, which agree with JAX's to about 1e-7 relative.
+    """
+    load()
+    channels, state_size = A.shape
+    channel_padding, state_padding = _paddings(A)
+    by_channel = [channel_padding]
+    out, h_last = _gated_scan(
+        _pad(x, by_channel), _pad(dt_raw, by_channel), _pad(dt_bias, by_channel),
+        _pad(A, [channel_padding, state_padding], value=-1.0), _pad(B, [state_padding]),
+        _pad(C, [state_padding]), _pad(D, by_channel), _pad(z, by_channel),
+        _pad(h0, [channel_padding, state_padding]))
+    return out[..., :channels], h_last[:, :channels, :state_size]

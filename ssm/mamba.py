@@ -24,6 +24,7 @@ from flax import nnx
 
 from models.layers import RMSNorm
 from models.lm import LanguageModel, build_blocks
+from ssm import cpu_kernel
 from ssm.scan import SCAN_MODES, selective_scan
 
 DTYPE_NAMES = ("float32", "bfloat16")
@@ -275,18 +276,21 @@ class MambaMixer(nnx.Module):
             C = jnp.broadcast_to(params.C[...].astype(jnp.float32), batch_shape + params.C.shape)
             return jnp.broadcast_to(dt, x.shape), B, C
 
+        dt_raw, B, C = self._selective_inputs(x)
+        # The bias is added in float32: around dt_min it is about -7, where bfloat16 keeps only
+        # two significant digits and would move dt by several percent.
+        return jax.nn.softplus(dt_raw + self.dt_proj.bias[...].astype(jnp.float32)), B, C
+
+    def _selective_inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Return dt before its bias and softplus (..., e) in float32, and B, C (..., n)."""
         dt_rank, d_state = self.config.resolved_dt_rank, self.config.d_state
         projected = self.x_proj(x)
         dt_low = projected[..., :dt_rank]
         B = projected[..., dt_rank:dt_rank + d_state]
         C = projected[..., dt_rank + d_state:]
-
-        # The bias is added in float32: around dt_min it is about -7, where bfloat16 keeps only
-        # two significant digits and would move dt by several percent.
         kernel = self.dt_proj.kernel[...].astype(self.config.compute_dtype)
-        dt = jnp.einsum("...r,re->...e", dt_low, kernel).astype(jnp.float32)
-        dt = jax.nn.softplus(dt + self.dt_proj.bias[...].astype(jnp.float32))
-        return dt, B, C
+        dt_raw = jnp.einsum("...r,re->...e", dt_low, kernel).astype(jnp.float32)
+        return dt_raw, B, C
 
     def _output(self, y: jax.Array, x: jax.Array, z: jax.Array) -> jax.Array:
         """Add the D skip connection, gate with SiLU(z) and project back to d_model."""
@@ -301,6 +305,8 @@ class MambaMixer(nnx.Module):
         Positions where `mask` (b, t) is False get a zero conv input and dt = 0, so they leave
         the conv inputs seen by later tokens and the SSM state unchanged.
         """
+        if mask is None and self._runs_gated_kernel():
+            return self._prefill_with_gated_kernel(x_btd, cache)
         x_bte, z_bte, dt_bte, B_btn, C_btn, conv_inputs = self._chunk_scan_inputs(
             x_btd, cache.conv_inputs, mask)
         y_bte, ssm_state = selective_scan(
@@ -309,16 +315,39 @@ class MambaMixer(nnx.Module):
 
         return self._output(y_bte, x_bte, z_bte), MambaCache(conv_inputs, ssm_state)
 
-    def _chunk_scan_inputs(self, x_btd, conv_inputs, mask):
-        """Return x, the gate z, dt, B and C of a chunk (b, t, d), and the new conv inputs."""
+    def _runs_gated_kernel(self) -> bool:
+        """Whether prefill runs `cpu_kernel.gated_selective_scan`: scan mode cpu_kernel, on a CPU,
+        in the selective mixer. With a mask, the cpu_kernel mode runs only the scan."""
+        return (self.config.scan == "cpu_kernel" and self.config.selective
+                and jax.default_backend() == "cpu")
+
+    def _prefill_with_gated_kernel(self, x_btd, cache):
+        """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel."""
+        x_bte, z_bte, conv_inputs = self._conv_outputs(x_btd, cache.conv_inputs, None)
+        dt_raw, B_btn, C_btn = self._selective_inputs(x_bte)
+
+        def f32(array):
+            return array.astype(jnp.float32)
+
+        out_bte, ssm_state = cpu_kernel.gated_selective_scan(
+            f32(x_bte), dt_raw, f32(self.dt_proj.bias[...]), self._A(), f32(B_btn), f32(C_btn),
+            f32(self.D[...]), f32(z_bte), cache.ssm_state)
+        out_btd = self.out_proj(out_bte.astype(self.config.compute_dtype))
+        return out_btd, MambaCache(conv_inputs, ssm_state)
+
+    def _conv_outputs(self, x_btd, conv_inputs, mask):
+        """Return x after in_proj, the causal conv and SiLU, the gate z, and the new conv inputs."""
         xz_bte = self.in_proj(x_btd)
         x_bte, z_bte = jnp.split(xz_bte, 2, axis=-1)
         if mask is not None:
             x_bte = jnp.where(mask[..., None], x_bte, 0)
 
         x_bte, conv_inputs = self.conv1d(x_bte, conv_inputs)
-        x_bte = jax.nn.silu(x_bte)
+        return jax.nn.silu(x_bte), z_bte, conv_inputs
 
+    def _chunk_scan_inputs(self, x_btd, conv_inputs, mask):
+        """Return x, the gate z, dt, B and C of a chunk (b, t, d), and the new conv inputs."""
+        x_bte, z_bte, conv_inputs = self._conv_outputs(x_btd, conv_inputs, mask)
         dt_bte, B_btn, C_btn = self._ssm_inputs(x_bte)
         if mask is not None:
             dt_bte = jnp.where(mask[..., None], dt_bte, 0.0)

@@ -1,5 +1,6 @@
 """The C++ selective scan (`cpu_kernel` mode): values and gradients against JAX's autodiff of the
-plain loop, padding, the batch split over devices, and the build's errors."""
+plain loop and of the mixer's own JAX code, padding, the batch split over devices, and the
+build's errors."""
 
 import os
 import stat
@@ -12,7 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssm import cpu_kernel
+import optax
+from flax import nnx
+
+from ssm import MambaConfig, build_language_model, cpu_kernel
 from ssm.scan import selective_scan, sequential_scan_reference
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -63,6 +67,84 @@ def test_kernel_matches_autodiff_of_the_loop(batch, length, channels, states):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def gated_reference(x, dt_raw, dt_bias, A, B, C, D, z, h0):
+    """What `gated_selective_scan` computes, in the JAX operations of `ssm.mamba.MambaMixer`."""
+    y, h_last = sequential_scan_reference(x, jax.nn.softplus(dt_raw + dt_bias), A, B, C, h0)
+    return (y + D * x) * jax.nn.silu(z), h_last
+
+
+def gated_inputs(batch, length, channels, states, seed=0, spread=3.0):
+    x, _, A, B, C, h0 = random_inputs(batch, length, channels, states, seed=seed)
+    keys = jax.random.split(jax.random.key(seed + 100), 4)
+    dt_raw = spread * jax.random.normal(keys[0], (batch, length, channels))
+    dt_bias = jax.random.uniform(keys[1], (channels,), minval=-7.0, maxval=-2.0)
+    D = jax.random.normal(keys[2], (channels,))
+    z = spread * jax.random.normal(keys[3], (batch, length, channels))
+    return x, dt_raw, dt_bias, A, B, C, D, z, h0
+
+
+@pytest.mark.parametrize("batch, length, channels, states", [
+    (2, 50, 40, 16),
+    (1, 33, 16, 5),
+    (3, 1, 7, 1),
+])
+def test_gated_kernel_matches_autodiff_of_the_mixer_math(batch, length, channels, states):
+    args = gated_inputs(batch, length, channels, states)
+
+    value, gradients = weighted_loss(cpu_kernel.gated_selective_scan)(*args)
+    expected_value, expected_gradients = weighted_loss(gated_reference)(*args)
+
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    names = "x dt_raw dt_bias A B C D z h0".split()
+    for name, got, expected in zip(names, gradients, expected_gradients):
+        assert float(jnp.abs(expected).max()) > 1e-3, f"gradient of {name} is zero"
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_gated_kernel_softplus_and_silu_at_extreme_inputs():
+    # Raw step sizes and gates from -90 to 90: the softplus is 0 or the input itself and the
+    # SiLU 0 or z at the ends, and nothing overflows.
+    args = list(gated_inputs(1, 64, 48, 4))
+    extremes = jnp.linspace(-90.0, 90.0, 64 * 48).reshape(1, 64, 48)
+    args[1], args[2], args[7] = extremes, jnp.zeros(48), extremes[:, ::-1]
+
+    out, h_last = cpu_kernel.gated_selective_scan(*args)
+    expected_out, expected_h_last = gated_reference(*args)
+    _, gradients = weighted_loss(cpu_kernel.gated_selective_scan)(*args)
+
+    np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(h_last, expected_h_last, rtol=1e-5, atol=1e-4)
+    assert all(np.isfinite(np.asarray(gradient)).all() for gradient in gradients)
+
+
+def test_mamba_gradients_with_kernel_match_sequential_scan():
+    # The mixer runs the gated kernel (step size, scan, D skip and gate) in cpu_kernel mode.
+    tokens = jax.random.randint(jax.random.key(3), (2, 41), 0, 50)
+
+    def loss_and_gradients(scan):
+        config = MambaConfig(vocab_size=50, d_model=24, num_layers=2, d_state=8, expand=2,
+                             scan=scan)
+        graphdef, params, rest = nnx.split(build_language_model(config, rngs=nnx.Rngs(0)),
+                                           nnx.Param, ...)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    value, gradients = loss_and_gradients("cpu_kernel")
+    expected_value, expected_gradients = loss_and_gradients("sequential")
+
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    flat = jax.tree_util.tree_leaves_with_path(gradients)
+    expected_flat = jax.tree_util.tree_leaves(expected_gradients)
+    assert len(flat) == len(expected_flat) > 10
+    for (path, got), expected in zip(flat, expected_flat):
+        name = jax.tree_util.keystr(path)
+        assert float(jnp.abs(expected).max()) > 0, name
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_kernel_forgets_the_state_where_the_decay_underflows():
     # dt * A down to -200: exp underflows in float32, so the state starts afresh at such steps.
     args = random_inputs(2, 40, 32, 16, seed=1, dt_max=50.0)
@@ -98,22 +180,27 @@ import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Mesh
 sys.path.insert(0, sys.argv[1])
-from tests.test_cpu_kernel import kernel_scan, random_inputs, weighted_loss
+from ssm import cpu_kernel
+from tests.test_cpu_kernel import gated_inputs, kernel_scan, random_inputs, weighted_loss
 assert jax.device_count() == 2
-args = random_inputs(4, 37, 48, 16)
 mesh = Mesh(np.array(jax.devices()), ("data",))
-rows = NamedSharding(mesh, PartitionSpec("data"))
-sharded = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec())) if i == 2
-                else jax.device_put(a, rows) for i, a in enumerate(args))
-grad_fn = weighted_loss(kernel_scan)
-hlo = grad_fn.lower(*sharded).compile().as_text()
-assert "all-gather" not in hlo, "the batch was gathered onto every device"
-calls = [line for line in hlo.splitlines() if "custom_call_target=" in line and "selective_scan" in line]
-assert len(calls) == 2 and all("f32[2,37,48]" in line for line in calls), calls
-(value, gradients), (expected_value, expected_gradients) = grad_fn(*sharded), grad_fn(*args)
-np.testing.assert_allclose(value, expected_value, rtol=1e-5)
-for got, expected in zip(gradients, expected_gradients):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+# A, and for the gated kernel dt_bias and D, are shared by all rows; the rest is split.
+for scan, args, replicated in ((kernel_scan, random_inputs(4, 37, 48, 16), (2,)),
+                               (cpu_kernel.gated_selective_scan, gated_inputs(4, 37, 48, 16),
+                                (2, 3, 6))):
+    sharded = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec() if i in replicated
+                                                     else PartitionSpec("data")))
+                    for i, a in enumerate(args))
+    grad_fn = weighted_loss(scan)
+    hlo = grad_fn.lower(*sharded).compile().as_text()
+    assert "all-gather" not in hlo, "the batch was gathered onto every device"
+    calls = [line for line in hlo.splitlines()
+             if "custom_call_target=" in line and "selective_scan" in line]
+    assert len(calls) == 2 and all("f32[2,37,48]" in line for line in calls), calls
+    (value, gradients), (expected_value, expected_gradients) = grad_fn(*sharded), grad_fn(*args)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, expected in zip(gradients, expected_gradients):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
