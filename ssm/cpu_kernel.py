@@ -44,6 +44,8 @@ TARGETS = {
     "seqmodels_selective_scan_backward": "SelectiveScanBackward",
     "seqmodels_gated_selective_scan_forward": "GatedSelectiveScanForward",
     "seqmodels_gated_selective_scan_backward": "GatedSelectiveScanBackward",
+    "seqmodels_causal_conv_silu_forward": "CausalConvSiluForward",
+    "seqmodels_causal_conv_silu_backward": "CausalConvSiluBackward",
 }
 CACHE_ENV = "SEQMODELS_KERNEL_CACHE"
 COMPILERS = ("g++", "c++", "clang++")
@@ -188,6 +190,19 @@ def _gated_backward_call(x, dt_raw, dt_bias, A, B, C, D, z, kept, d_out, dh_last
                  x, dt_raw, dt_bias, A, B, C, D, z, kept, d_out, dh_last)
 
 
+def _conv_forward_call(xz, kernel, bias, history):
+    shape = xz.shape[:2] + kernel.shape[1:]
+    return _call("seqmodels_causal_conv_silu_forward", (shape, shape), xz, kernel, bias, history)
+
+
+def _conv_backward_call(xz, kernel, bias, history, dx, dz):
+    # The gradients of the kernel and bias come per batch row, as that of A above.
+    return _call("seqmodels_causal_conv_silu_backward",
+                 (xz.shape, xz.shape[:1] + kernel.shape, xz.shape[:1] + bias.shape,
+                  history.shape),
+                 xz, kernel, bias, history, dx, dz)
+
+
 def _split_over_batch(function, sharding_rule: str, replicated: tuple[int, ...]):
     """Wrap `function` so that a batch-sharded call runs on each device's rows.
 
@@ -216,9 +231,12 @@ def _split_over_batch(function, sharding_rule: str, replicated: tuple[int, ...])
             for index, arg in enumerate(arg_shapes))
         return mesh, function, result_shardings(mesh, arg_shapes, result_shape), arg_shardings
 
+    # Every factor but the batch, in the order of first appearance, which Shardy requires.
+    factors = dict.fromkeys(sharding_rule.replace(",", " ").replace("->", " ").split())
     wrapped.def_partition(partition, infer_sharding_from_operands=result_shardings,
                           sharding_rule=sharding_rule,
-                          need_replication_factors=("t", "e", "n", "k"))
+                          need_replication_factors=tuple(factor for factor in factors
+                                                         if factor != "b"))
     return wrapped
 
 
@@ -236,6 +254,12 @@ _gated_backward = _split_over_batch(
     _gated_backward_call,
     "b t e, b t e, e, e n, b t n, b t n, e, b t e, b k n e, b t e, b e n -> "
     "b t e, b t e, b e n, b t n, b t n, b e n, b e, b t e, b e", replicated=(2, 3, 6))
+
+_conv_forward = _split_over_batch(
+    _conv_forward_call, "b t f, w e, e, b h e -> b t e, b t e", replicated=(1, 2))
+_conv_backward = _split_over_batch(
+    _conv_backward_call, "b t f, w e, e, b h e, b t e, b t e -> b t f, b w e, b e, b h e",
+    replicated=(1, 2))
 
 
 @jax.custom_vjp
@@ -275,6 +299,38 @@ def _gated_scan_backward(residuals, cotangents):
 
 
 _gated_scan.defvjp(_gated_scan_forward, _gated_scan_backward)
+
+
+@jax.custom_vjp
+def _conv(xz, kernel, bias, history):
+    return _conv_forward(xz, kernel, bias, history)
+
+
+def _conv_vjp_forward(xz, kernel, bias, history):
+    return _conv_forward(xz, kernel, bias, history), (xz, kernel, bias, history)
+
+
+def _conv_vjp_backward(residuals, cotangents):
+    dxz, dkernel_bwe, dbias_be, dhistory = _conv_backward(*residuals, *cotangents)
+    return dxz, dkernel_bwe.sum(0), dbias_be.sum(0), dhistory
+
+
+_conv.defvjp(_conv_vjp_forward, _conv_vjp_backward)
+
+
+def causal_conv_silu(xz, kernel, bias, history):
+    """Return x = silu(causal depthwise conv of xz[..., :e] + bias) and z = xz[..., e:].
+
+    This is the part of the Mamba mixer between in_proj and x_proj (`ssm.mamba.CausalConv1d`
+    followed by SiLU), in float32. xz is (b, t, 2e), kernel (w, e) with kernel[w - 1] on the
+    current input, bias (e,), history (b, w - 1, e) the inputs before xz. e must be a multiple
+    of 16. Both results are (b, t, e); the backward pass writes the cotangent of xz whole.
+    """
+    load()
+    if kernel.shape[1] % LANES:
+        raise ValueError(f"causal_conv_silu needs a multiple of {LANES} channels, got "
+                         f"{kernel.shape[1]}")
+    return _conv(xz, kernel, bias, history)
 
 
 def _padded_state_size(state_size: int) -> int:

@@ -196,6 +196,11 @@ class CausalConv1d(nnx.Module):
 
         return y_bte, window[:, length:]
 
+    def next_history(self, x_bte: jax.Array, history_bwe: jax.Array) -> jax.Array:
+        """Return the history that `__call__` returns for inputs x after `history`."""
+        window = jnp.concatenate([history_bwe.astype(x_bte.dtype), x_bte], axis=1)
+        return window[:, x_bte.shape[1]:]
+
     def step(self, x_be: jax.Array, history_bwe: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Convolve one input per sequence; return y (b, e) and the new history."""
         window = jnp.concatenate([history_bwe.astype(x_be.dtype), x_be[:, None]], axis=1)
@@ -322,17 +327,29 @@ class MambaMixer(nnx.Module):
                 and jax.default_backend() == "cpu")
 
     def _prefill_with_gated_kernel(self, x_btd, cache):
-        """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel."""
-        x_bte, z_bte, conv_inputs = self._conv_outputs(x_btd, cache.conv_inputs, None)
-        dt_raw, B_btn, C_btn = self._selective_inputs(x_bte)
+        """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel,
+        and in float32 with whole blocks of 16 channels, the conv and SiLU in another."""
+        config = self.config
 
         def f32(array):
             return array.astype(jnp.float32)
 
+        if config.compute_dtype == jnp.float32 and config.d_inner % cpu_kernel.LANES == 0:
+            xz_bte = self.in_proj(x_btd)
+            conv = self.conv1d
+            bias = (conv.bias[...] if conv.bias is not None
+                    else jnp.zeros(conv.kernel.shape[1:], conv.kernel.dtype))
+            x_bte, z_bte = cpu_kernel.causal_conv_silu(
+                xz_bte, f32(conv.kernel[...]), f32(bias), f32(cache.conv_inputs))
+            conv_inputs = conv.next_history(xz_bte[..., :config.d_inner], cache.conv_inputs)
+        else:
+            x_bte, z_bte, conv_inputs = self._conv_outputs(x_btd, cache.conv_inputs, None)
+        dt_raw, B_btn, C_btn = self._selective_inputs(x_bte)
+
         out_bte, ssm_state = cpu_kernel.gated_selective_scan(
             f32(x_bte), dt_raw, f32(self.dt_proj.bias[...]), self._A(), f32(B_btn), f32(C_btn),
             f32(self.D[...]), f32(z_bte), cache.ssm_state)
-        out_btd = self.out_proj(out_bte.astype(self.config.compute_dtype))
+        out_btd = self.out_proj(out_bte.astype(config.compute_dtype))
         return out_btd, MambaCache(conv_inputs, ssm_state)
 
     def _conv_outputs(self, x_btd, conv_inputs, mask):

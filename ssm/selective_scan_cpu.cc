@@ -559,6 +559,134 @@ ffi::Error GatedBackward(F32 x, F32 dt_raw, F32 dt_bias, F32 A, F32 B, F32 C, F3
       in, out);
 }
 
+// The causal depthwise convolution and SiLU that come before the scan in the Mamba mixer, and
+// the split of in_proj's output xz (b, t, 2e) into its two halves (ssm/mamba.py):
+//   x_t = silu(bias + sum_j kernel[j] * u_{t - (w - 1) + j}),   z_t = xz_t[e:]
+// where u_t = xz_t[:e] for t >= 0 and the history (b, w - 1, e) of earlier inputs before that.
+// The backward pass writes the cotangent of xz whole, so that no concatenation follows it.
+struct ConvSizes {
+  int64_t batch, length, channels, width;
+};
+
+// Input s of the convolution for one block of channels of one batch row: xz[s, :e] for s >= 0,
+// else the history at w - 1 + s.
+inline Vec ConvInput(const ConvSizes& c, const float* xz, const float* history, int64_t s,
+                     int64_t e0) {
+  return s >= 0 ? Load(xz + s * 2 * c.channels + e0)
+                : Load(history + (c.width - 1 + s) * c.channels + e0);
+}
+
+inline Vec ConvPreactivation(const ConvSizes& c, const float* xz, const float* history,
+                             const float* kernel, const float* bias, int64_t t, int64_t e0) {
+  Vec acc = Load(bias + e0);
+  for (int64_t j = 0; j < c.width; ++j)
+    acc += Load(kernel + j * c.channels + e0) * ConvInput(c, xz, history, t - (c.width - 1) + j, e0);
+  return acc;
+}
+
+// Both passes run along the rows of xz, which are contiguous, with all blocks of channels of
+// one row at a time; the convolution carries nothing from step to step.
+void ConvForwardRow(const ConvSizes& c, const float* xz, const float* history,
+                    const float* kernel, const float* bias, float* x, float* z) {
+  const int64_t T = c.length, E = c.channels;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e0 = 0; e0 < E; e0 += kLanes) {
+      const Vec pre = ConvPreactivation(c, xz, history, kernel, bias, t, e0);
+      Store(x + t * E + e0, pre * Sigmoid(pre));
+      Store(z + t * E + e0, Load(xz + t * 2 * E + E + e0));
+    }
+  }
+}
+
+// dxz (t, 2e) receives the cotangents of both halves; its first half first holds the cotangent
+// of the preactivation. dkernel (w, e) and dbias (e) start at zero.
+void ConvBackwardRow(const ConvSizes& c, const float* xz, const float* history,
+                     const float* kernel, const float* bias, const float* dx, const float* dz,
+                     float* dxz, float* dkernel, float* dbias, float* dhistory) {
+  const int64_t T = c.length, E = c.channels, W = c.width;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e0 = 0; e0 < E; e0 += kLanes) {
+      const Vec pre = ConvPreactivation(c, xz, history, kernel, bias, t, e0);
+      const Vec sigmoid = Sigmoid(pre);
+      // d silu(p) / dp = sigmoid(p) (1 + p (1 - sigmoid(p))).
+      const Vec d_pre = Load(dx + t * E + e0) * sigmoid * (1.f + pre * (1.f - sigmoid));
+      Store(dxz + t * 2 * E + e0, d_pre);
+      Store(dxz + t * 2 * E + E + e0, Load(dz + t * E + e0));
+      Store(dbias + e0, Load(dbias + e0) + d_pre);
+      for (int64_t j = 0; j < W; ++j) {
+        float* dk = dkernel + j * E + e0;
+        Store(dk, Load(dk) + d_pre * ConvInput(c, xz, history, t - (W - 1) + j, e0));
+      }
+    }
+  }
+  // Input s feeds the preactivations s .. s + w - 1, through kernel[w - 1] .. kernel[0]. In
+  // increasing s, d_pre[s] is read for the last time just before it is overwritten.
+  for (int64_t s = -(W - 1); s < T; ++s) {
+    for (int64_t e0 = 0; e0 < E; e0 += kLanes) {
+      Vec d_input = Splat(0.f);
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t t = s + (W - 1) - j;
+        if (t >= 0 && t < T) d_input += Load(kernel + j * E + e0) * Load(dxz + t * 2 * E + e0);
+      }
+      if (s >= 0)
+        Store(dxz + s * 2 * E + e0, d_input);
+      else
+        Store(dhistory + (W - 1 + s) * E + e0, d_input);
+    }
+  }
+}
+
+ffi::Error CheckConvShapes(F32 xz, F32 kernel, std::initializer_list<std::pair<F32*, char>> rest,
+                           ConvSizes* c) {
+  auto xz_dims = xz.dimensions();
+  auto k_dims = kernel.dimensions();
+  if (xz_dims.size() != 3 || k_dims.size() != 2 || xz_dims[2] != 2 * k_dims[1])
+    return ffi::Error::InvalidArgument("causal conv: xz must be (b, t, 2e) and kernel (w, e)");
+  *c = ConvSizes{xz_dims[0], xz_dims[1], k_dims[1], k_dims[0]};
+  if (c->channels % kLanes != 0 || c->width < 1)
+    return ffi::Error::InvalidArgument("causal conv: channels must be a multiple of 16");
+  // Shapes by letter: 'x' (b, t, e), 'h' (b, w - 1, e), 'e' (e).
+  for (const auto& [buffer, kind] : rest) {
+    const Shape expected = kind == 'x'   ? Shape{c->batch, c->length, c->channels}
+                           : kind == 'h' ? Shape{c->batch, c->width - 1, c->channels}
+                                         : Shape{c->channels};
+    auto dims = buffer->dimensions();
+    if (!std::equal(dims.begin(), dims.end(), expected.begin(), expected.end()))
+      return ffi::Error::InvalidArgument("causal conv: an operand has the wrong shape");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvForward(F32 xz, F32 kernel, F32 bias, F32 history, F32Result x, F32Result z) {
+  ConvSizes c;
+  ffi::Error error = CheckConvShapes(xz, kernel, {{&bias, 'e'}, {&history, 'h'}}, &c);
+  if (error.failure()) return error;
+  const int64_t T = c.length, E = c.channels, H = (c.width - 1) * E;
+  for (int64_t b = 0; b < c.batch; ++b)
+    ConvForwardRow(c, xz.typed_data() + b * T * 2 * E, history.typed_data() + b * H,
+                   kernel.typed_data(), bias.typed_data(), x->typed_data() + b * T * E,
+                   z->typed_data() + b * T * E);
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBackward(F32 xz, F32 kernel, F32 bias, F32 history, F32 dx, F32 dz,
+                        F32Result dxz, F32Result dkernel, F32Result dbias, F32Result dhistory) {
+  ConvSizes c;
+  ffi::Error error = CheckConvShapes(
+      xz, kernel, {{&bias, 'e'}, {&history, 'h'}, {&dx, 'x'}, {&dz, 'x'}}, &c);
+  if (error.failure()) return error;
+  const int64_t T = c.length, E = c.channels, W = c.width, H = (W - 1) * E;
+  std::fill(dkernel->typed_data(), dkernel->typed_data() + c.batch * W * E, 0.f);
+  std::fill(dbias->typed_data(), dbias->typed_data() + c.batch * E, 0.f);
+  for (int64_t b = 0; b < c.batch; ++b)
+    ConvBackwardRow(c, xz.typed_data() + b * T * 2 * E, history.typed_data() + b * H,
+                    kernel.typed_data(), bias.typed_data(), dx.typed_data() + b * T * E,
+                    dz.typed_data() + b * T * E, dxz->typed_data() + b * T * 2 * E,
+                    dkernel->typed_data() + b * W * E, dbias->typed_data() + b * E,
+                    dhistory->typed_data() + b * H);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SelectiveScanForward, Forward,
@@ -630,4 +758,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GatedSelectiveScanBackward, GatedBackward,
                                   .Ret<F32>()  // dD per batch row
                                   .Ret<F32>()  // dz
                                   .Ret<F32>()  // d_dt_bias per batch row
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalConvSiluForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // xz
+                                  .Arg<F32>()  // kernel
+                                  .Arg<F32>()  // bias
+                                  .Arg<F32>()  // history
+                                  .Ret<F32>()  // x
+                                  .Ret<F32>()  // z
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CausalConvSiluBackward, ConvBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()  // xz
+                                  .Arg<F32>()  // kernel
+                                  .Arg<F32>()  // bias
+                                  .Arg<F32>()  // history
+                                  .Arg<F32>()  // dx
+                                  .Arg<F32>()  // dz
+                                  .Ret<F32>()  // dxz
+                                  .Ret<F32>()  // dkernel per batch row
+                                  .Ret<F32>()  // dbias per batch row
+                                  .Ret<F32>()  // dhistory
 );

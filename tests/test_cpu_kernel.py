@@ -33,13 +33,19 @@ def random_inputs(batch, length, channels, states, seed=0, dt_max=0.5):
     return x, dt, A, B, C, h0
 
 
-def weighted_loss(scan):
+def weighted_loss(function):
+    """Jit the value and the gradient with respect to every argument of a weighted sum of both
+    outputs of `function`, with uneven weights."""
     def loss(*args):
-        y, h_last = scan(*args)
-        y_weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
-        h_weights = jnp.sin(jnp.arange(h_last.size, dtype=h_last.dtype)).reshape(h_last.shape)
-        return jnp.sum(y * y_weights) + jnp.sum(h_last * h_weights)
-    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+        first, second = function(*args)
+        first_weights = jnp.cos(jnp.arange(first.size, dtype=first.dtype)).reshape(first.shape)
+        second_weights = jnp.sin(jnp.arange(second.size, dtype=second.dtype)).reshape(
+            second.shape)
+        return jnp.sum(first * first_weights) + jnp.sum(second * second_weights)
+
+    def value_and_gradients(*args):
+        return jax.value_and_grad(loss, argnums=tuple(range(len(args))))(*args)
+    return jax.jit(value_and_gradients)
 
 
 def kernel_scan(x, dt, A, B, C, h0):
@@ -117,8 +123,54 @@ def test_gated_kernel_softplus_and_silu_at_extreme_inputs():
     assert all(np.isfinite(np.asarray(gradient)).all() for gradient in gradients)
 
 
+def conv_reference(xz, kernel, bias, history):
+    """What `causal_conv_silu` computes: the window sums of `ssm.mamba.CausalConv1d`, SiLU, z."""
+    width, channels = kernel.shape
+    length = xz.shape[1]
+    window = jnp.concatenate([history, xz[..., :channels]], axis=1)
+    pre = bias + sum(window[:, j:j + length] * kernel[j] for j in range(width))
+    return jax.nn.silu(pre), xz[..., channels:]
+
+
+def conv_inputs(batch, length, channels, width, seed=0):
+    keys = jax.random.split(jax.random.key(seed + 200), 4)
+    return (jax.random.normal(keys[0], (batch, length, 2 * channels)),
+            jax.random.normal(keys[1], (width, channels)),
+            jax.random.normal(keys[2], (channels,)),
+            jax.random.normal(keys[3], (batch, width - 1, channels)))
+
+
+# A sequence shorter than the history (2 < w - 1 = 3), the usual width 4, a wider kernel and
+# a width of 1, which has no history.
+@pytest.mark.parametrize("batch, length, channels, width", [
+    (1, 2, 32, 4),
+    (3, 9, 16, 4),
+    (2, 7, 48, 6),
+    (2, 5, 16, 1),
+])
+def test_conv_kernel_matches_autodiff_of_the_window_sums(batch, length, channels, width):
+    args = conv_inputs(batch, length, channels, width)
+
+    value, gradients = weighted_loss(cpu_kernel.causal_conv_silu)(*args)
+    expected_value, expected_gradients = weighted_loss(conv_reference)(*args)
+
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for name, got, expected in zip(["xz", "kernel", "bias", "history"], gradients,
+                                   expected_gradients):
+        assert got.shape == expected.shape, name
+        if expected.size:
+            assert float(jnp.abs(expected).max()) > 1e-3, f"gradient of {name} is zero"
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_conv_kernel_rejects_channels_not_a_multiple_of_16():
+    with pytest.raises(ValueError, match=r"multiple of 16 channels, got 20"):
+        cpu_kernel.causal_conv_silu(*conv_inputs(1, 4, 20, 4))
+
+
 def test_mamba_gradients_with_kernel_match_sequential_scan():
-    # The mixer runs the gated kernel (step size, scan, D skip and gate) in cpu_kernel mode.
+    # In cpu_kernel mode the mixer runs the conv kernel (conv and SiLU) and the gated kernel
+    # (step size, scan, D skip and gate); d_inner = 48 is three blocks of 16 channels.
     tokens = jax.random.randint(jax.random.key(3), (2, 41), 0, 50)
 
     def loss_and_gradients(scan):
@@ -181,22 +233,23 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Mesh
 sys.path.insert(0, sys.argv[1])
 from ssm import cpu_kernel
-from tests.test_cpu_kernel import gated_inputs, kernel_scan, random_inputs, weighted_loss
+from tests.test_cpu_kernel import (conv_inputs, gated_inputs, kernel_scan, random_inputs,
+                                   weighted_loss)
 assert jax.device_count() == 2
 mesh = Mesh(np.array(jax.devices()), ("data",))
-# A, and for the gated kernel dt_bias and D, are shared by all rows; the rest is split.
+# A, dt_bias, D and the conv kernel and bias are shared by all rows; the rest is split.
 for scan, args, replicated in ((kernel_scan, random_inputs(4, 37, 48, 16), (2,)),
                                (cpu_kernel.gated_selective_scan, gated_inputs(4, 37, 48, 16),
-                                (2, 3, 6))):
+                                (2, 3, 6)),
+                               (cpu_kernel.causal_conv_silu, conv_inputs(4, 37, 48, 4), (1, 2))):
     sharded = tuple(jax.device_put(a, NamedSharding(mesh, PartitionSpec() if i in replicated
                                                      else PartitionSpec("data")))
                     for i, a in enumerate(args))
     grad_fn = weighted_loss(scan)
     hlo = grad_fn.lower(*sharded).compile().as_text()
     assert "all-gather" not in hlo, "the batch was gathered onto every device"
-    calls = [line for line in hlo.splitlines()
-             if "custom_call_target=" in line and "selective_scan" in line]
-    assert len(calls) == 2 and all("f32[2,37,48]" in line for line in calls), calls
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="seqmodels_' in line]
+    assert len(calls) == 2 and all("f32[2,37," in line for line in calls), calls
     (value, gradients), (expected_value, expected_gradients) = grad_fn(*sharded), grad_fn(*args)
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for got, expected in zip(gradients, expected_gradients):
