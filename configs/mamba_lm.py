@@ -55,9 +55,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.d_conv = 4
     # Rank of the dt projection; "auto" is ceil(d_model / 16).
     config.model.dt_rank = "auto"
-    # Selective scan implementation: "associative", "sequential" or "chunked". On 2 CPU cores
-    # "sequential" measured 2 to 4 times faster per step than the other two at this size.
-    config.model.scan = "sequential"
+    # Selective scan implementation: "associative", "sequential", "chunked" or "cpu_kernel".
+    # "cpu_kernel" is the C++ kernel of ssm/cpu_kernel.py, built on first use with the machine's
+    # C++ compiler; without one, and on GPUs and TPUs, it runs "sequential". On 2 CPU cores
+    # "sequential" measured 2 to 4 times faster per step than the other two JAX scans at this
+    # size, and "cpu_kernel" faster still (README, Training).
+    config.model.scan = "cpu_kernel"
     # Time steps per chunk when scan is "chunked".
     config.model.chunk_size = 256
     # The output head reuses the embedding table (no extra parameters).

@@ -11,7 +11,14 @@ The first use in a process compiles the source with the machine's C++ compiler (
 `$SEQMODELS_KERNEL_CACHE`, else `$XDG_CACHE_HOME/seqmodels`, else `~/.cache/seqmodels`. The
 cache key covers the source, the compiler and its version, the flags, the JAX version and the
 CPU's instruction set extensions, so a home folder shared by different machines keeps one
-build per kind of machine. Without a compiler, the first use raises `KernelBuildError`.
+build per kind of machine. Where the kernel cannot be built (no compiler, or it fails),
+`available()` logs one warning with the reason and returns False, and the `cpu_kernel` scan mode
+runs the `sequential` scan instead; `build()` and `load()` raise `KernelBuildError`.
+
+Besides the scan, the library has the two other parts of the Mamba mixer that are slow in XLA on
+a CPU, for `ssm.mamba.MambaMixer` in `cpu_kernel` mode: `gated_selective_scan` (the softplus of
+the step size, the scan, the D skip and the SiLU gate) and `causal_conv_silu` (the causal
+convolution and SiLU, which writes the gradient of in_proj's output whole).
 
 Under `jax.jit` with the batch sharded over devices, both handlers run on each device's part of
 the batch (`custom_partitioning`); the gradient of A is summed over the batch afterwards, which
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -152,6 +160,18 @@ def load() -> None:
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+    """Return whether the kernel is loaded; if it cannot be, log why once and return False."""
+    try:
+        load()
+    except KernelBuildError as error:
+        logging.warning("scan mode 'cpu_kernel' runs the sequential scan: the C++ kernel is not "
+                        "available. %s", error)
+        return False
+    return True
 
 
 def _call(target, result_shapes, *operands):

@@ -321,10 +321,11 @@ class MambaMixer(nnx.Module):
         return self._output(y_bte, x_bte, z_bte), MambaCache(conv_inputs, ssm_state)
 
     def _runs_gated_kernel(self) -> bool:
-        """Whether prefill runs `cpu_kernel.gated_selective_scan`: scan mode cpu_kernel, on a CPU,
-        in the selective mixer. With a mask, the cpu_kernel mode runs only the scan."""
+        """Whether prefill runs `cpu_kernel.gated_selective_scan`: scan mode cpu_kernel, in the
+        selective mixer, on a CPU where the kernel could be built. With a mask, the cpu_kernel
+        mode runs only the scan."""
         return (self.config.scan == "cpu_kernel" and self.config.selective
-                and jax.default_backend() == "cpu")
+                and jax.default_backend() == "cpu" and cpu_kernel.available())
 
     def _prefill_with_gated_kernel(self, x_btd, cache):
         """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel,

@@ -23,8 +23,9 @@ the initial state h0 and the final state are (b, e, n).
   each chunk. Each chunk is rematerialised in the backward pass (`jax.checkpoint`), so the
   (b, chunk, e, n) tensors of only one chunk are live at a time.
 - `cpu_kernel`: the `sequential` algorithm as a C++ kernel for the CPU (`ssm.cpu_kernel`),
-  compiled with the machine's C++ compiler on first use. Float32 only, state size at most 64;
-  on other backends (GPU, TPU) it runs `sequential`. Like `sequential`, a `jax.custom_vjp`.
+  compiled with the machine's C++ compiler on first use. Float32 only, state size at most 64.
+  On other backends (GPU, TPU), and where the kernel cannot be built (a warning says why), it
+  runs `sequential`. Like `sequential`, a `jax.custom_vjp`.
 
 All accumulate in float32 (float64 for float64 inputs) and return y in the dtype of x.
 """
@@ -40,6 +41,11 @@ DEFAULT_CHUNK_SIZE = 256
 # states are 1/32 of (t, b, e, n). Intervals of 16, 64 and 128 steps were not faster in one
 # measurement on a 2-core x86 CPU (b=4, t=512, e=512, n=16).
 SEQUENTIAL_CHECKPOINT_INTERVAL = 32
+
+
+def _kernel_runs() -> bool:
+    """Whether the cpu_kernel mode runs its kernel here: on a CPU, where it could be built."""
+    return jax.default_backend() == "cpu" and cpu_kernel.available()
 
 
 def validate_scan_mode(mode: str) -> None:
@@ -336,7 +342,7 @@ def selective_scan(
 
     if mode == "associative":
         y, h_last = _associative_scan(x32, dt32, A32, B32, C32, h0)
-    elif mode == "sequential" or (mode == "cpu_kernel" and jax.default_backend() != "cpu"):
+    elif mode == "sequential" or (mode == "cpu_kernel" and not _kernel_runs()):
         y, h_last = _sequential_scan(x32, dt32, A32, B32, C32, h0)
     elif mode == "cpu_kernel":
         if accumulation != jnp.float32:

@@ -87,17 +87,21 @@ constexpr float kLn2 = 0.69314718055994531f;
 // shuffle undoes the bit-reversed order the rounds leave.
 inline Vec SumLanesOf16(Vec (&v)[16]) {
   Vec w[8], u[4], q[2];
-  for (int i = 0; i < 8; ++i)
-    w[i] = SHUFFLE(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           SHUFFLE(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
-                   31);
-  for (int i = 0; i < 4; ++i)
-    u[i] = SHUFFLE(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-           SHUFFLE(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30,
-                   31);
-  for (int i = 0; i < 2; ++i)
-    q[i] = SHUFFLE(u[2 * i], u[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-           SHUFFLE(u[2 * i], u[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  for (int i = 0; i < 8; ++i) {
+    const Vec a = v[2 * i], b = v[2 * i + 1];
+    w[i] = SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const Vec a = w[2 * i], b = w[2 * i + 1];
+    u[i] = SHUFFLE(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           SHUFFLE(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec a = u[2 * i], b = u[2 * i + 1];
+    q[i] = SHUFFLE(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           SHUFFLE(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
   const Vec r = SHUFFLE(q[0], q[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
                 SHUFFLE(q[0], q[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   return SHUFFLE(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
@@ -399,7 +403,8 @@ struct Results {
 Row RowOf(const Sizes& s, const Operands& in, float* y, int64_t b) {
   const int64_t T = s.length, E = s.channels, N = s.states;
   return Row{in.x + b * T * E, in.dt + b * T * E, in.B + b * T * N, in.C + b * T * N,
-             in.z != nullptr ? in.z + b * T * E : nullptr, y != nullptr ? y + b * T * E : nullptr};
+             in.z != nullptr ? in.z + b * T * E : nullptr,
+             y != nullptr ? y + b * T * E : nullptr};
 }
 
 // Both passes go interval by interval and, within one, channel block by channel block, so that
@@ -580,7 +585,8 @@ inline Vec ConvPreactivation(const ConvSizes& c, const float* xz, const float* h
                              const float* kernel, const float* bias, int64_t t, int64_t e0) {
   Vec acc = Load(bias + e0);
   for (int64_t j = 0; j < c.width; ++j)
-    acc += Load(kernel + j * c.channels + e0) * ConvInput(c, xz, history, t - (c.width - 1) + j, e0);
+    acc += Load(kernel + j * c.channels + e0) *
+           ConvInput(c, xz, history, t - (c.width - 1) + j, e0);
   return acc;
 }
 
@@ -626,7 +632,8 @@ void ConvBackwardRow(const ConvSizes& c, const float* xz, const float* history,
       Vec d_input = Splat(0.f);
       for (int64_t j = 0; j < W; ++j) {
         const int64_t t = s + (W - 1) - j;
-        if (t >= 0 && t < T) d_input += Load(kernel + j * E + e0) * Load(dxz + t * 2 * E + e0);
+        if (t >= 0 && t < T)
+          d_input += Load(kernel + j * E + e0) * Load(dxz + t * 2 * E + e0);
       }
       if (s >= 0)
         Store(dxz + s * 2 * E + e0, d_input);
@@ -636,8 +643,8 @@ void ConvBackwardRow(const ConvSizes& c, const float* xz, const float* history,
   }
 }
 
-ffi::Error CheckConvShapes(F32 xz, F32 kernel, std::initializer_list<std::pair<F32*, char>> rest,
-                           ConvSizes* c) {
+ffi::Error CheckConvShapes(F32 xz, F32 kernel,
+                           std::initializer_list<std::pair<F32*, char>> rest, ConvSizes* c) {
   auto xz_dims = xz.dimensions();
   auto k_dims = kernel.dimensions();
   if (xz_dims.size() != 3 || k_dims.size() != 2 || xz_dims[2] != 2 * k_dims[1])

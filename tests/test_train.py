@@ -657,6 +657,20 @@ def test_resume_with_other_model_names_differing_fields(corpus_file, trained_wor
     assert checkpoint_listing(trained_workdir) == before
 
 
+def test_resume_with_other_scan_implementation(corpus_file, trained_workdir, tmp_path):
+    # The scan implementation decides how the model computes, not what it is.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_workdir, workdir)
+    assert checkpoint.load_config(workdir).model.scan == "cpu_kernel"
+    config = tiny_config(corpus_file, train__num_steps=6, model__scan="sequential")
+
+    state = train_and_evaluate(config, workdir)
+
+    assert int(state.step) == 6
+    assert [record["step"] for record in read_metrics(workdir, "train")] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.load_config(workdir).model.scan == "sequential"
+
+
 def test_resume_with_other_data_sizes(corpus_file, trained_workdir, tmp_path):
     # A resumed run may change the data and train sections (a longer length, another batch
     # size, more steps). Only the model section has to match.

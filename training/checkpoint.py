@@ -200,9 +200,10 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Raise ValueError if the checkpoints in `workdir` cannot resume `config`.
 
-    The model config must be the one saved. Other sections may change on resume (for example
-    more steps or a new evaluation interval), unless the optimizer fields change the structure
-    of the optimizer state, as `optimizer.frozen_parameters` does.
+    The model config must be the one saved, except the fields of `COMPUTATION_FIELDS` (the
+    scan implementation). Other sections may change on resume (for example more steps or a new
+    evaluation interval), unless the optimizer fields change the structure of the optimizer
+    state, as `optimizer.frozen_parameters` does.
     """
     if not (Path(workdir) / CONFIG_FILE).is_file():
         raise ValueError(
@@ -222,10 +223,16 @@ def check_resumable(workdir: str | os.PathLike, config: ml_collections.ConfigDic
             "workdir.")
 
 
+# Model fields that choose how the model computes, not what it is: a run may resume with others.
+COMPUTATION_FIELDS = ("scan", "chunk_size")
+
+
 def _check_same_model(workdir, saved: ml_collections.ConfigDict,
                       config: ml_collections.ConfigDict) -> None:
-    saved_fields = config_lib.model_fields(saved)
-    current_fields = config_lib.model_fields(config)
+    saved_fields, current_fields = (
+        {name: value for name, value in config_lib.model_fields(fields).items()
+         if name not in COMPUTATION_FIELDS}
+        for fields in (saved, config))
     if saved_fields.get("architecture") != current_fields.get("architecture"):
         # Every other field would differ too, so name only the architecture.
         saved_fields = {"architecture": saved_fields.get("architecture")}
