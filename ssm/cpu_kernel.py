@@ -70,7 +70,7 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_folder() -> Path:
-    """Return the folder that holds built kernels."""
+    """Return the folder that contains built kernels."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

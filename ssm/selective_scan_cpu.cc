@@ -1,16 +1,17 @@
-// Selective scan for the CPU as two XLA FFI handlers: the forward pass and its backward pass.
+// The selective scan of the Mamba mixer for the CPU, as XLA FFI handlers: the forward and
+// backward passes of the plain scan, of the gated scan (the mixer's step size, scan, D skip and
+// gate) and of the causal convolution with SiLU that comes before it.
 //
 // The recurrence, for batch row b, channel e and state index n (see ssm/scan.py):
 //
 //   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t,     y_t = sum_n C_t[n] * h_t[:, n]
 //
-// Channels are independent, so the kernel runs one block of kLanes channels at a time through
-// all time steps, with the block's state (kN vectors of kLanes floats) held in registers. The
-// forward pass keeps the state every kInterval steps; the backward pass recomputes the states
-// and decays of one interval at a time from there and runs it in reverse. ssm/cpu_kernel.py
-// builds this file with the machine's C++ compiler, pads the channels to a multiple of kLanes
-// and the state size to one of the sizes that `WithStateSize` instantiates, and checks the
-// kernel against the JAX implementations in tests.
+// Channels are independent, so the scan works on blocks of kLanes channels, with a block's
+// state (kN vectors of kLanes floats) held in registers. The forward pass keeps the state every
+// kInterval steps. The backward pass recomputes the states and decays of one interval from
+// there and runs that interval in reverse. ssm/cpu_kernel.py builds this file with the machine's
+// C++ compiler and pads the channels to a multiple of kLanes and the state size to one of the
+// sizes that `WithStateSize` instantiates. Its tests hold every handler equal to JAX code.
 //
 // Shapes (all float32, row-major): x, dt, y and their gradients (b, t, e); A (e, n); B, C and
 // their gradients (b, t, n); h0, h_last and their gradients (b, e, n); the kept states

@@ -52,9 +52,9 @@ def kernel_scan(x, dt, A, B, C, h0):
     return selective_scan(x, dt, A, B, C, h0=h0, mode="cpu_kernel")
 
 
-# Channels that are and are not a multiple of the kernel's 16 lanes, state sizes that it runs
-# as they are (16, 64, 1) and ones it pads (5), lengths within one kept-state interval of 16
-# steps, on its boundary and past it with a partial last interval.
+# Channels that are and are not a multiple of the kernel's 16 lanes. State sizes that it runs as
+# they are (16, 64, 1) and one that it pads (5). Lengths within one kept-state interval of 16
+# steps, on its boundary, and past it with a partial last interval.
 @pytest.mark.parametrize("batch, length, channels, states", [
     (2, 50, 40, 16),
     (1, 33, 16, 5),
@@ -264,7 +264,8 @@ def test_sharded_batch_runs_per_device():
     result = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT, str(REPOSITORY)],
                             capture_output=True, text=True, env=environment, timeout=300,
                             check=False)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok", result.stdout
 
 
 FALLBACK_SCRIPT = """
@@ -302,11 +303,13 @@ def test_no_compiler_falls_back_with_warning(tmp_path):
                             capture_output=True, text=True, env=environment, timeout=300,
                             check=False)
 
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok", result.stdout
     warnings = [line for line in result.stderr.splitlines()
                 if "runs the sequential scan" in line]
     assert len(warnings) == 1, result.stderr
-    assert "needs a C++ compiler" in warnings[0] and "apt install g++" in warnings[0]
+    assert "needs a C++ compiler" in warnings[0]
+    assert "apt install g++" in warnings[0]
 
 
 @pytest.fixture
