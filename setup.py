@@ -14,6 +14,8 @@ setup(
     packages=find_packages(include=["ssm*", "attention*", "models*", "data*", "training*",
                                     "generation*", "experiments*", "benchmarks*", "configs*"]),
     py_modules=["train", "generate"],
+    # The C++ source of the cpu_kernel scan, compiled on first use (ssm/cpu_kernel.py).
+    package_data={"ssm": ["*.cc"]},
     install_requires=[
         f"jax>={JAX_VERSION}",
         "flax>=0.12.0",

@@ -116,6 +116,8 @@ def _compile(compiler: str, flags: tuple[str, ...], output: Path) -> subprocess.
 
 def build() -> Path:
     """Compile the kernel unless the cache has it; return the path of the shared library."""
+    if not SOURCE.is_file():
+        raise KernelBuildError(f"the kernel's source {SOURCE} is missing; reinstall the package.")
     compiler = find_compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout

@@ -349,6 +349,13 @@ def test_failed_build_reports_compiler_output(empty_cache, monkeypatch,
     assert list(empty_cache.iterdir()) == []
 
 
+def test_missing_source_named(empty_cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernel, "SOURCE", tmp_path / "selective_scan_cpu.cc")
+
+    with pytest.raises(cpu_kernel.KernelBuildError, match=r"source .* is missing; reinstall"):
+        cpu_kernel.build()
+
+
 def test_build_is_cached_and_reused(empty_cache):
     library = cpu_kernel.build()
     built_at = library.stat().st_mtime_ns
