@@ -4,7 +4,7 @@ On a CPU, XLA runs the `sequential` scan as a `while` loop whose every step laun
 small kernels and copies slices in and out. `selective_scan_cpu.cc` runs the same recurrence as
 two XLA FFI handlers (forward and backward) that keep each block of 16 channels' state in
 registers for the whole sequence. It computes what the `sequential` mode computes, in float32,
-and keeps the same residuals (the state every 16 steps).
+and its residuals are of the same kind: the state every 16 steps (32 in `sequential`).
 
 The first use in a process compiles the source with the machine's C++ compiler (`$CXX`, else
 `g++`, `c++` or `clang++` on the PATH) and `-march=native`, and caches the library under
@@ -56,6 +56,7 @@ TARGETS = {
     "seqmodels_causal_conv_silu_backward": "CausalConvSiluBackward",
 }
 CACHE_ENV = "SEQMODELS_KERNEL_CACHE"
+SEQUENTIAL_HINT = "scan mode 'sequential' (--config.model.scan=sequential in train.py)"
 COMPILERS = ("g++", "c++", "clang++")
 # -march=native lets the compiler use every vector extension of this CPU; the second set is for
 # compilers that do not accept it.
@@ -84,7 +85,7 @@ def find_compiler() -> str:
         if compiler is None:
             raise KernelBuildError(
                 f"the C++ compiler named by $CXX, {os.environ['CXX']!r}, was not found; "
-                "set CXX to an installed compiler, or use scan mode 'sequential'.")
+                f"set CXX to an installed compiler, or use {SEQUENTIAL_HINT}.")
         return compiler
     for name in COMPILERS:
         compiler = shutil.which(name)
@@ -93,7 +94,7 @@ def find_compiler() -> str:
     raise KernelBuildError(
         f"scan mode 'cpu_kernel' needs a C++ compiler to build its kernel and found none of "
         f"{', '.join(COMPILERS)} on the PATH; install one (Debian/Ubuntu: apt install g++), set "
-        "CXX, or use scan mode 'sequential'.")
+        f"CXX, or use {SEQUENTIAL_HINT}.")
 
 
 def _cpu_features() -> str:
@@ -137,6 +138,8 @@ def build() -> Path:
                                f"{CACHE_ENV} to a writable folder.") from error
     # Build under a temporary name and rename, so that processes building at once never load
     # a half-written library.
+    logging.info("compiling the cpu_kernel scan with %s into %s (once per machine, about 15 s)",
+                 compiler, library)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = Path(scratch) / library.name
         for flags in FLAG_SETS:
@@ -147,7 +150,7 @@ def build() -> Path:
         details = result.stderr.strip().splitlines()[-5:]
         raise KernelBuildError(
             f"{compiler} failed to build {SOURCE.name}:\n" + "\n".join(details)
-            + "\nUse scan mode 'sequential' instead.")
+            + f"\nUse {SEQUENTIAL_HINT} instead.")
 
 
 @functools.cache
@@ -170,8 +173,8 @@ def available() -> bool:
     try:
         load()
     except KernelBuildError as error:
-        logging.warning("scan mode 'cpu_kernel' runs the sequential scan: the C++ kernel is not "
-                        "available. %s", error)
+        logging.warning("scan mode 'cpu_kernel' runs the sequential scan because its C++ kernel "
+                        "is not available: %s", error)
         return False
     return True
 
