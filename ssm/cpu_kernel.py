@@ -30,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,6 +59,8 @@ TARGETS = {
 CACHE_ENV = "SEQMODELS_KERNEL_CACHE"
 SEQUENTIAL_HINT = "scan mode 'sequential' (--config.model.scan=sequential in train.py)"
 COMPILERS = ("g++", "c++", "clang++")
+# Seconds that one compilation may take before the build gives up.
+COMPILE_TIMEOUT = 600
 # -march=native lets the compiler use every vector extension of this CPU; the second set is for
 # compilers that do not accept it.
 FLAG_SETS = (
@@ -78,19 +81,24 @@ def cache_folder() -> Path:
     return Path(base) / "seqmodels"
 
 
-def find_compiler() -> str:
-    """Return the C++ compiler to build with: `$CXX`, else the first of `COMPILERS` found."""
+def find_compiler() -> list[str]:
+    """Return the command of the C++ compiler: `$CXX`, else the first of `COMPILERS` found.
+
+    `$CXX` may carry a launcher or flags, as in Make (`ccache g++`, `g++ -O2`); its first word
+    must be on the PATH or a path.
+    """
     if os.environ.get("CXX"):
-        compiler = shutil.which(os.environ["CXX"])
-        if compiler is None:
+        words = shlex.split(os.environ["CXX"])
+        program = shutil.which(words[0]) if words else None
+        if program is None:
             raise KernelBuildError(
                 f"the C++ compiler named by $CXX, {os.environ['CXX']!r}, was not found; "
                 f"set CXX to an installed compiler, or use {SEQUENTIAL_HINT}.")
-        return compiler
+        return [program, *words[1:]]
     for name in COMPILERS:
         compiler = shutil.which(name)
         if compiler is not None:
-            return compiler
+            return [compiler]
     raise KernelBuildError(
         f"scan mode 'cpu_kernel' needs a C++ compiler to build its kernel and found none of "
         f"{', '.join(COMPILERS)} on the PATH; install one (Debian/Ubuntu: apt install g++), set "
@@ -109,10 +117,42 @@ def _cpu_features() -> str:
     return platform.machine() + platform.processor()
 
 
-def _compile(compiler: str, flags: tuple[str, ...], output: Path) -> subprocess.CompletedProcess:
-    command = [compiler, *flags, "-std=c++17", "-fPIC", "-shared", "-w",
+def _run_compiler(command: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=COMPILE_TIMEOUT)
+    except subprocess.TimeoutExpired as error:
+        raise KernelBuildError(f"{shlex.join(command[:1])} timed out after {COMPILE_TIMEOUT} s; "
+                               f"use {SEQUENTIAL_HINT}.") from error
+    except OSError as error:
+        raise KernelBuildError(f"cannot run the C++ compiler {command[0]}: {error}; use "
+                               f"{SEQUENTIAL_HINT}.") from error
+
+
+def _compile(compiler: list[str], flags: tuple[str, ...], output: Path):
+    command = [*compiler, *flags, "-std=c++17", "-fPIC", "-shared", "-w",
                "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+    return _run_compiler(command)
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_suffix(".sha256")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _is_intact(library: Path) -> bool:
+    """Whether `library` has the SHA-256 recorded when it was built.
+
+    A truncated shared library can crash the process with a bus error inside `dlopen`, which
+    Python cannot catch, so a cached build is checked before it is loaded.
+    """
+    try:
+        return _digest_path(library).read_text().strip() == _file_digest(library)
+    except OSError:
+        return False
 
 
 def build() -> Path:
@@ -120,16 +160,15 @@ def build() -> Path:
     if not SOURCE.is_file():
         raise KernelBuildError(f"the kernel's source {SOURCE} is missing; reinstall the package.")
     compiler = find_compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             check=False).stdout
+    version = _run_compiler([*compiler, "--version"]).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), version.encode(), repr(FLAG_SETS).encode(),
-                 jax.__version__.encode(), _cpu_features().encode()):
+    for part in (SOURCE.read_bytes(), shlex.join(compiler).encode(), version.encode(),
+                 repr(FLAG_SETS).encode(), jax.__version__.encode(), _cpu_features().encode()):
         key.update(part)
         key.update(b"\0")
     folder = cache_folder()
     library = folder / f"selective_scan_cpu-{key.hexdigest()[:16]}.so"
-    if library.exists():
+    if _is_intact(library):
         return library
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -139,18 +178,24 @@ def build() -> Path:
     # Build under a temporary name and rename, so that processes building at once never load
     # a half-written library.
     logging.info("compiling the cpu_kernel scan with %s into %s (once per machine, about 15 s)",
-                 compiler, library)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        partial = Path(scratch) / library.name
-        for flags in FLAG_SETS:
-            result = _compile(compiler, flags, partial)
-            if result.returncode == 0:
-                os.replace(partial, library)
-                return library
-        details = result.stderr.strip().splitlines()[-5:]
-        raise KernelBuildError(
-            f"{compiler} failed to build {SOURCE.name}:\n" + "\n".join(details)
-            + f"\nUse {SEQUENTIAL_HINT} instead.")
+                 shlex.join(compiler), library)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            partial = Path(scratch) / library.name
+            for flags in FLAG_SETS:
+                result = _compile(compiler, flags, partial)
+                if result.returncode == 0:
+                    # The digest goes first: a library without a matching one is rebuilt.
+                    _digest_path(library).write_text(_file_digest(partial) + "\n")
+                    os.replace(partial, library)
+                    return library
+    except OSError as error:
+        raise KernelBuildError(f"cannot write the kernel to the cache folder {folder}: {error}; "
+                               f"set {CACHE_ENV} to a writable folder.") from error
+    details = result.stderr.strip().splitlines()[-5:]
+    raise KernelBuildError(
+        f"{shlex.join(compiler)} failed to build {SOURCE.name}:\n" + "\n".join(details)
+        + f"\nUse {SEQUENTIAL_HINT} instead.")
 
 
 @functools.cache
@@ -159,12 +204,12 @@ def load() -> None:
     library_path = build()
     try:
         library = ctypes.CDLL(str(library_path))
-    except OSError as error:
+        handlers = {target: getattr(library, symbol) for target, symbol in TARGETS.items()}
+    except (OSError, AttributeError) as error:
         raise KernelBuildError(f"cannot load {library_path}: {error}; delete it to rebuild.") \
             from error
-    for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
 
 
 @functools.cache
@@ -352,10 +397,16 @@ def causal_conv_silu(xz, kernel, bias, history):
     of 16. Both results are (b, t, e); the backward pass writes the cotangent of xz whole.
     """
     load()
+    _require_time_steps(xz)
     if kernel.shape[1] % LANES:
         raise ValueError(f"causal_conv_silu needs a multiple of {LANES} channels, got "
                          f"{kernel.shape[1]}")
     return _conv(xz, kernel, bias, history)
+
+
+def _require_time_steps(x):
+    if x.ndim != 3 or x.shape[1] < 1:
+        raise ValueError(f"x must be (b, t, e) with at least one time step, got shape {x.shape}")
 
 
 def _padded_state_size(state_size: int) -> int:
@@ -388,6 +439,7 @@ def selective_scan(x, dt, A, B, C, h0):
     channels have x = 0 and padded states B = C = 0, so neither changes the result.
     """
     load()
+    _require_time_steps(x)
     channels, state_size = A.shape
     channel_padding, state_padding = _paddings(A)
     y, h_last = _scan(
@@ -406,6 +458,7 @@ def gated_selective_scan(x, dt_raw, dt_bias, A, B, C, D, z, h0):
     their own float32 exp and log1p, which agree with JAX's to about 1e-7 relative.
     """
     load()
+    _require_time_steps(x)
     channels, state_size = A.shape
     channel_padding, state_padding = _paddings(A)
     by_channel = [channel_padding]

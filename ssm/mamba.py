@@ -97,6 +97,11 @@ class MambaConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.scan not in SCAN_MODES:
             raise ValueError(f"scan must be one of {SCAN_MODES}, got {self.scan!r}")
+        # Checked on every backend, so that a config does not work on one machine only.
+        if self.scan == "cpu_kernel" and self.d_state > cpu_kernel.STATE_SIZES[-1]:
+            raise ValueError(
+                f"scan 'cpu_kernel' supports d_state up to {cpu_kernel.STATE_SIZES[-1]}, got "
+                f"{self.d_state}; use scan 'sequential'")
         object.__setattr__(self, "dtype", _dtype_name("dtype", self.dtype))
         object.__setattr__(self, "param_dtype", _dtype_name("param_dtype", self.param_dtype))
 

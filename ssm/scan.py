@@ -25,7 +25,9 @@ the initial state h0 and the final state are (b, e, n).
 - `cpu_kernel`: the `sequential` algorithm as a C++ kernel for the CPU (`ssm.cpu_kernel`),
   compiled with the machine's C++ compiler on first use. Float32 only, state size at most 64.
   On other backends (GPU, TPU), and where the kernel cannot be built (a warning says why), it
-  runs `sequential`. Like `sequential`, a `jax.custom_vjp`.
+  runs `sequential`. Like `sequential`, a `jax.custom_vjp`. Unlike it, `jax.vmap` and second
+  derivatives (`jax.hessian`, grad of grad) raise NotImplementedError: its kernels sit inside
+  `custom_partitioning`, which has no batching or differentiation rule (JAX 0.10).
 
 All accumulate in float32 (float64 for float64 inputs) and return y in the dtype of x.
 """

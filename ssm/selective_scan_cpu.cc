@@ -484,6 +484,7 @@ ffi::Error Dispatch(F32 x, F32 A, std::initializer_list<std::pair<F32*, char>> o
                 (x_dims[1] + kInterval - 1) / kInterval};
   if (s.channels % kLanes != 0)
     return ffi::Error::InvalidArgument("selective scan: channels must be a multiple of 16");
+  if (s.length < 1) return ffi::Error::InvalidArgument("selective scan: no time steps");
   // Shapes by letter: 'x' (b, t, e), 'n' (b, t, n), 'h' (b, e, n), 'k' the kept states, 'e' (e).
   for (const auto& [buffer, kind] : operands) {
     const Shape expected =
@@ -653,6 +654,7 @@ ffi::Error CheckConvShapes(F32 xz, F32 kernel,
   *c = ConvSizes{xz_dims[0], xz_dims[1], k_dims[1], k_dims[0]};
   if (c->channels % kLanes != 0 || c->width < 1)
     return ffi::Error::InvalidArgument("causal conv: channels must be a multiple of 16");
+  if (c->length < 1) return ffi::Error::InvalidArgument("causal conv: no time steps");
   // Shapes by letter: 'x' (b, t, e), 'h' (b, w - 1, e), 'e' (e).
   for (const auto& [buffer, kind] : rest) {
     const Shape expected = kind == 'x'   ? Shape{c->batch, c->length, c->channels}

@@ -3,6 +3,7 @@ plain loop and of the mixer's own JAX code, padding, the batch split over device
 build's errors."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -216,6 +217,15 @@ def test_kernel_rejects_state_size_above_64():
         kernel_scan(*args)
 
 
+def test_kernels_reject_zero_length():
+    with pytest.raises(ValueError, match=r"at least one time step, got shape \(2, 0, 16\)"):
+        kernel_scan(*random_inputs(2, 0, 16, 4))
+    with pytest.raises(ValueError, match=r"at least one time step, got shape \(2, 0, 16\)"):
+        cpu_kernel.gated_selective_scan(*gated_inputs(2, 0, 16, 4))
+    with pytest.raises(ValueError, match=r"at least one time step, got shape \(2, 0, 32\)"):
+        cpu_kernel.causal_conv_silu(*conv_inputs(2, 0, 16, 4))
+
+
 def test_kernel_rejects_float64():
     previous_x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
@@ -349,6 +359,33 @@ def test_failed_build_reports_compiler_output(empty_cache, monkeypatch,
     assert list(empty_cache.iterdir()) == []
 
 
+def test_unwritable_cache_folder_named(monkeypatch):
+    # /proc/self exists and takes no new files, whoever runs the test.
+    monkeypatch.setenv(cpu_kernel.CACHE_ENV, "/proc/self")
+
+    with pytest.raises(cpu_kernel.KernelBuildError,
+                       match=r"cannot write the kernel to the cache folder /proc/self.*"
+                             r"SEQMODELS_KERNEL_CACHE to a writable folder"):
+        cpu_kernel.build()
+
+
+def test_compiler_that_hangs_times_out(empty_cache, monkeypatch, tmp_path):
+    compiler = tmp_path / "hanging-compiler"
+    compiler.write_text("#!/bin/sh\nsleep 60\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setattr(cpu_kernel, "COMPILE_TIMEOUT", 1)
+
+    with pytest.raises(cpu_kernel.KernelBuildError, match=r"timed out after 1 s"):
+        cpu_kernel.build()
+
+
+def test_cxx_with_launcher_and_flags(monkeypatch):
+    monkeypatch.setenv("CXX", "env g++ -O2")
+
+    assert cpu_kernel.find_compiler() == [shutil.which("env"), "g++", "-O2"]
+
+
 def test_missing_source_named(empty_cache, monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "SOURCE", tmp_path / "selective_scan_cpu.cc")
 
@@ -363,4 +400,19 @@ def test_build_is_cached_and_reused(empty_cache):
     assert library.parent == empty_cache
     assert cpu_kernel.build() == library
     assert library.stat().st_mtime_ns == built_at
-    assert [path.name for path in empty_cache.iterdir()] == [library.name]
+    assert sorted(path.name for path in empty_cache.iterdir()) == sorted(
+        [library.name, library.with_suffix(".sha256").name])
+
+
+def test_truncated_library_is_rebuilt(empty_cache, monkeypatch, tmp_path):
+    # dlopen of a truncated library can kill the process with a bus error, so build() must
+    # not return it: with a compiler that fails, the rebuild it starts reports that failure.
+    library = cpu_kernel.build()
+    library.write_bytes(library.read_bytes()[:100_000])
+    compiler = tmp_path / "failing-compiler"
+    compiler.write_text("#!/bin/sh\necho 'compiler was called' >&2\nexit 1\n")
+    compiler.chmod(compiler.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CXX", str(compiler))
+
+    with pytest.raises(cpu_kernel.KernelBuildError, match=r"compiler was called"):
+        cpu_kernel.build()

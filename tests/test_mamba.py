@@ -348,6 +348,13 @@ def test_config_rejects_invalid_field(field, value, message):
         tiny_config(**{field: value})
 
 
+def test_config_rejects_large_state_for_kernel():
+    # On every backend, so that a config does not work on one machine only.
+    with pytest.raises(ValueError, match=r"scan 'cpu_kernel' supports d_state up to 64, got 65"):
+        tiny_config(scan="cpu_kernel", d_state=65)
+    assert tiny_config(scan="sequential", d_state=65).d_state == 65
+
+
 def test_config_normalises_dtype_to_name():
     config = tiny_config(dtype=jnp.bfloat16, dt_rank="auto")
 
