@@ -57,7 +57,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.dt_rank = "auto"
     # Selective scan implementation: "associative", "sequential", "chunked" or "cpu_kernel".
     # "cpu_kernel" is the C++ kernel of ssm/cpu_kernel.py, built on first use with the machine's
-    # C++ compiler; without one, and on GPUs and TPUs, it runs "sequential". On 2 CPU cores
+    # C++ compiler. Without one, and on GPUs and TPUs, it runs "sequential". On 2 CPU cores
     # "sequential" measured 2 to 4 times faster per step than the other two JAX scans at this
     # size, and "cpu_kernel" about twice as fast as "sequential" (README, "Mamba against the
     # Transformer").

@@ -6,14 +6,14 @@ two XLA FFI handlers (forward and backward) that keep each block of 16 channels'
 registers for the whole sequence. It computes what the `sequential` mode computes, in float32,
 and its residuals are of the same kind: the state every 16 steps (32 in `sequential`).
 
-The first use in a process compiles the source with the machine's C++ compiler (`$CXX`, else
+The first use on a machine compiles the source with the machine's C++ compiler (`$CXX`, else
 `g++`, `c++` or `clang++` on the PATH) and `-march=native`, and caches the library under
 `$SEQMODELS_KERNEL_CACHE`, else `$XDG_CACHE_HOME/seqmodels`, else `~/.cache/seqmodels`. The
 cache key covers the source, the compiler and its version, the flags, the JAX version and the
 CPU's instruction set extensions, so a home folder shared by different machines keeps one
 build per kind of machine. Where the kernel cannot be built (no compiler, or it fails),
-`available()` logs one warning with the reason and returns False, and the `cpu_kernel` scan mode
-runs the `sequential` scan instead; `build()` and `load()` raise `KernelBuildError`.
+`available()` logs one warning with the reason and returns False. The `cpu_kernel` scan mode
+then runs the `sequential` scan instead. `build()` and `load()` raise `KernelBuildError`.
 
 Besides the scan, the library has the two other parts of the Mamba mixer that are slow in XLA on
 a CPU, for `ssm.mamba.MambaMixer` in `cpu_kernel` mode: `gated_selective_scan` (the softplus of
@@ -144,7 +144,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _is_intact(library: Path) -> bool:
-    """Whether `library` has the SHA-256 recorded when it was built.
+    """Return whether `library` has the SHA-256 recorded when it was built.
 
     A truncated shared library can crash the process with a bus error inside `dlopen`, which
     Python cannot catch, so a cached build is checked before it is loaded.
@@ -159,6 +159,7 @@ def build() -> Path:
     """Compile the kernel unless the cache has it; return the path of the shared library."""
     if not SOURCE.is_file():
         raise KernelBuildError(f"the kernel's source {SOURCE} is missing; reinstall the package.")
+
     compiler = find_compiler()
     version = _run_compiler([*compiler, "--version"]).stdout
     key = hashlib.sha256()
@@ -170,11 +171,13 @@ def build() -> Path:
     library = folder / f"selective_scan_cpu-{key.hexdigest()[:16]}.so"
     if _is_intact(library):
         return library
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise KernelBuildError(f"cannot create the kernel cache folder {folder}: {error}; set "
                                f"{CACHE_ENV} to a writable folder.") from error
+
     # Build under a temporary name and rename, so that processes building at once never load
     # a half-written library.
     logging.info("compiling the cpu_kernel scan with %s into %s (once per machine, about 15 s)",
@@ -192,6 +195,7 @@ def build() -> Path:
     except OSError as error:
         raise KernelBuildError(f"cannot write the kernel to the cache folder {folder}: {error}; "
                                f"set {CACHE_ENV} to a writable folder.") from error
+
     details = result.stderr.strip().splitlines()[-5:]
     raise KernelBuildError(
         f"{shlex.join(compiler)} failed to build {SOURCE.name}:\n" + "\n".join(details)

@@ -326,9 +326,11 @@ class MambaMixer(nnx.Module):
         return self._output(y_bte, x_bte, z_bte), MambaCache(conv_inputs, ssm_state)
 
     def _runs_gated_kernel(self) -> bool:
-        """Whether prefill runs `cpu_kernel.gated_selective_scan`: scan mode cpu_kernel, in the
-        selective mixer, on a CPU where the kernel could be built. With a mask, the cpu_kernel
-        mode runs only the scan."""
+        """Return whether prefill runs `cpu_kernel.gated_selective_scan`.
+
+        It does in scan mode cpu_kernel, in the selective mixer, on a CPU where the kernel was
+        built. With a mask, the cpu_kernel mode runs only the scan.
+        """
         return (self.config.scan == "cpu_kernel" and self.config.selective
                 and jax.default_backend() == "cpu" and cpu_kernel.available())
 

@@ -46,7 +46,7 @@ SEQUENTIAL_CHECKPOINT_INTERVAL = 32
 
 
 def _kernel_runs() -> bool:
-    """Whether the cpu_kernel mode runs its kernel here: on a CPU, where it could be built."""
+    """Return whether the cpu_kernel mode runs its kernel here: on a CPU where it was built."""
     return jax.default_backend() == "cpu" and cpu_kernel.available()
 
 
@@ -344,12 +344,14 @@ def selective_scan(
 
     if mode == "associative":
         y, h_last = _associative_scan(x32, dt32, A32, B32, C32, h0)
+    elif (mode == "cpu_kernel" and jax.default_backend() == "cpu"
+          and accumulation != jnp.float32):
+        # Raised on every CPU, whether or not the kernel could be built there.
+        raise ValueError(f"scan mode 'cpu_kernel' computes in float32, got {accumulation} "
+                         "inputs; use scan mode 'sequential'")
     elif mode == "sequential" or (mode == "cpu_kernel" and not _kernel_runs()):
         y, h_last = _sequential_scan(x32, dt32, A32, B32, C32, h0)
     elif mode == "cpu_kernel":
-        if accumulation != jnp.float32:
-            raise ValueError(f"scan mode 'cpu_kernel' computes in float32, got {accumulation} "
-                             "inputs; use scan mode 'sequential'")
         y, h_last = cpu_kernel.selective_scan(x32, dt32, A32, B32, C32, h0)
     else:  # chunked
         y, h_last = _chunked_scan(x32, dt32, A32, B32, C32, h0, chunk_size)

@@ -1,6 +1,6 @@
-// The selective scan of the Mamba mixer for the CPU, as XLA FFI handlers: the forward and
-// backward passes of the plain scan, of the gated scan (the mixer's step size, scan, D skip and
-// gate) and of the causal convolution with SiLU that comes before it.
+// The selective scan of the Mamba mixer for the CPU, as XLA FFI handlers. There are forward and
+// backward passes of three operations: the plain scan, the gated scan (the mixer's step size,
+// scan, D skip and gate), and the causal convolution with SiLU that comes before it.
 //
 // The recurrence, for batch row b, channel e and state index n (see ssm/scan.py):
 //
@@ -593,7 +593,8 @@ inline Vec ConvPreactivation(const ConvSizes& c, const float* xz, const float* h
 }
 
 // Both passes run along the rows of xz, which are contiguous, with all blocks of channels of
-// one row at a time; the convolution carries nothing from step to step.
+// one row at a time. This order is possible because the convolution carries nothing from step
+// to step.
 void ConvForwardRow(const ConvSizes& c, const float* xz, const float* history,
                     const float* kernel, const float* bias, float* x, float* z) {
   const int64_t T = c.length, E = c.channels;
@@ -606,8 +607,8 @@ void ConvForwardRow(const ConvSizes& c, const float* xz, const float* history,
   }
 }
 
-// dxz (t, 2e) receives the cotangents of both halves; its first half first holds the cotangent
-// of the preactivation. dkernel (w, e) and dbias (e) start at zero.
+// dxz (t, 2e) receives the cotangents of both halves; its first half first contains the
+// cotangent of the preactivation. dkernel (w, e) and dbias (e) start at zero.
 void ConvBackwardRow(const ConvSizes& c, const float* xz, const float* history,
                      const float* kernel, const float* bias, const float* dx, const float* dz,
                      float* dxz, float* dkernel, float* dbias, float* dhistory) {

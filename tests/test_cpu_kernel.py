@@ -360,7 +360,7 @@ def test_failed_build_reports_compiler_output(empty_cache, monkeypatch,
 
 
 def test_unwritable_cache_folder_named(monkeypatch):
-    # /proc/self exists and takes no new files, whoever runs the test.
+    # /proc/self exists and takes no new files, even for root.
     monkeypatch.setenv(cpu_kernel.CACHE_ENV, "/proc/self")
 
     with pytest.raises(cpu_kernel.KernelBuildError,
