@@ -18,7 +18,8 @@ then runs the `sequential` scan instead. `build()` and `load()` raise `KernelBui
 Besides the scan, the library has the two other parts of the Mamba mixer that are slow in XLA on
 a CPU, for `ssm.mamba.MambaMixer` in `cpu_kernel` mode: `gated_selective_scan` (the softplus of
 the step size, the scan, the D skip and the SiLU gate) and `causal_conv_silu` (the causal
-convolution and SiLU, which writes the gradient of in_proj's output whole).
+convolution and SiLU, which writes the gradient of in_proj's output whole). `project` is the
+mixer's matrix product with a gradient that XLA computes on a CPU with fewer copies.
 
 Under `jax.jit` with the batch sharded over devices, both handlers run on each device's part of
 the batch (`custom_partitioning`); the gradient of A is summed over the batch afterwards, which
@@ -472,3 +473,35 @@ def gated_selective_scan(x, dt_raw, dt_bias, A, B, C, D, z, h0):
         _pad(C, [state_padding]), _pad(D, by_channel), _pad(z, by_channel),
         _pad(h0, [channel_padding, state_padding]))
     return out[..., :channels], h_last[:, :channels, :state_size]
+
+
+@jax.custom_vjp
+def project(x, kernel):
+    """Return x (..., i) @ kernel (i, o), with a gradient of kernel that XLA's CPU backend
+    computes without copying the (larger) output cotangent into a transposed layout.
+
+    JAX's rule for the gradient of kernel is a dot of the cotangent with x followed by a
+    transpose. With the batch split over devices, the sum over devices comes between the two, so
+    XLA can no longer fold the transpose into the dot, and copies the cotangent instead.
+    """
+    return jnp.einsum("...i,io->...o", x, kernel)
+
+
+def _project_forward(x, kernel):
+    return project(x, kernel), (x, kernel)
+
+
+def _project_backward(residuals, dy):
+    x, kernel = residuals
+    leading = tuple(range(x.ndim - 1))
+    contract_leading = ((leading, leading), ((), ()))
+    # XLA's CPU backend copies the dot's first operand into a transposed layout, so the narrower
+    # of x and dy goes first.
+    if x.shape[-1] <= dy.shape[-1]:
+        dkernel = jax.lax.dot_general(x, dy, contract_leading)
+    else:
+        dkernel = jax.lax.dot_general(dy, x, contract_leading).T
+    return jnp.einsum("...o,io->...i", dy, kernel), dkernel
+
+
+project.defvjp(_project_forward, _project_backward)

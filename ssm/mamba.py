@@ -291,16 +291,26 @@ class MambaMixer(nnx.Module):
         # two significant digits and would move dt by several percent.
         return jax.nn.softplus(dt_raw + self.dt_proj.bias[...].astype(jnp.float32)), B, C
 
-    def _selective_inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Return dt before its bias and softplus (..., e) in float32, and B, C (..., n)."""
+    def _selective_inputs(self, x: jax.Array, *, in_cpu_kernel: bool = False
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Return dt before its bias and softplus (..., e) in float32, and B, C (..., n).
+
+        With `in_cpu_kernel`, the two projections run through `cpu_kernel.project`.
+        """
         dt_rank, d_state = self.config.resolved_dt_rank, self.config.d_state
-        projected = self.x_proj(x)
+        if in_cpu_kernel:
+            projected = self._project(self.x_proj, x)
+        else:
+            projected = self.x_proj(x)
         dt_low = projected[..., :dt_rank]
         B = projected[..., dt_rank:dt_rank + d_state]
         C = projected[..., dt_rank + d_state:]
         kernel = self.dt_proj.kernel[...].astype(self.config.compute_dtype)
-        dt_raw = jnp.einsum("...r,re->...e", dt_low, kernel).astype(jnp.float32)
-        return dt_raw, B, C
+        if in_cpu_kernel:
+            dt_raw = cpu_kernel.project(dt_low, kernel)
+        else:
+            dt_raw = jnp.einsum("...r,re->...e", dt_low, kernel)
+        return dt_raw.astype(jnp.float32), B, C
 
     def _output(self, y: jax.Array, x: jax.Array, z: jax.Array) -> jax.Array:
         """Add the D skip connection, gate with SiLU(z) and project back to d_model."""
@@ -336,14 +346,15 @@ class MambaMixer(nnx.Module):
 
     def _prefill_with_gated_kernel(self, x_btd, cache):
         """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel,
-        and in float32 with whole blocks of 16 channels, the conv and SiLU in another."""
+        and in float32 with whole blocks of 16 channels, the conv and SiLU in another. The
+        projections run through `cpu_kernel.project`, whose gradient copies less."""
         config = self.config
 
         def f32(array):
             return array.astype(jnp.float32)
 
         if config.compute_dtype == jnp.float32 and config.d_inner % cpu_kernel.LANES == 0:
-            xz_bte = self.in_proj(x_btd)
+            xz_bte = self._project(self.in_proj, x_btd)
             conv = self.conv1d
             bias = (conv.bias[...] if conv.bias is not None
                     else jnp.zeros(conv.kernel.shape[1:], conv.kernel.dtype))
@@ -352,13 +363,19 @@ class MambaMixer(nnx.Module):
             conv_inputs = conv.next_history(xz_bte[..., :config.d_inner], cache.conv_inputs)
         else:
             x_bte, z_bte, conv_inputs = self._conv_outputs(x_btd, cache.conv_inputs, None)
-        dt_raw, B_btn, C_btn = self._selective_inputs(x_bte)
+        dt_raw, B_btn, C_btn = self._selective_inputs(x_bte, in_cpu_kernel=True)
 
         out_bte, ssm_state = cpu_kernel.gated_selective_scan(
             f32(x_bte), dt_raw, f32(self.dt_proj.bias[...]), self._A(), f32(B_btn), f32(C_btn),
             f32(self.D[...]), f32(z_bte), cache.ssm_state)
-        out_btd = self.out_proj(out_bte.astype(config.compute_dtype))
+        out_btd = self._project(self.out_proj, out_bte)
         return out_btd, MambaCache(conv_inputs, ssm_state)
+
+    def _project(self, linear: nnx.Linear, x):
+        """Return `linear(x)`, computed by `cpu_kernel.project`."""
+        dtype = self.config.compute_dtype
+        y = cpu_kernel.project(x.astype(dtype), linear.kernel[...].astype(dtype))
+        return y if linear.bias is None else y + linear.bias[...].astype(dtype)
 
     def _conv_outputs(self, x_btd, conv_inputs, mask):
         """Return x after in_proj, the causal conv and SiLU, the gate z, and the new conv inputs."""

@@ -3,6 +3,7 @@ plain loop and of the mixer's own JAX code, padding, the batch split over device
 build's errors."""
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -210,6 +211,45 @@ def test_kernel_underflowing_decay():
     assert np.isfinite(np.asarray(weighted_loss(kernel_scan)(*args)[1][1])).all()
 
 
+# The kernel's gradient is one dot whose first operand is the narrower of x and dy. Both cases.
+@pytest.mark.parametrize("inputs, outputs", [(8, 24), (24, 8)])
+def test_project_matches_einsum(inputs, outputs):
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (2, 5, inputs))
+    kernel = jax.random.normal(keys[1], (inputs, outputs))
+    dy = jax.random.normal(keys[2], (2, 5, outputs))
+
+    y, vjp = jax.vjp(cpu_kernel.project, x, kernel)
+    expected_y, expected_vjp = jax.vjp(lambda x, k: jnp.einsum("bti,io->bto", x, k), x, kernel)
+
+    np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(vjp(dy), expected_vjp(dy)):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_step_decay_is_exp():
+    # One step from h0 = 1 with x = 0 and C = 1 gives y = exp(dt * A), the kernel's own exp. The
+    # exponents go from 0 down to -120, past where float32 underflows (about -87.3).
+    dt = jnp.linspace(0.0, 120.0, 4096).reshape(1, 1, 4096)
+    A = -jnp.ones((4096, 1))
+    ones = jnp.ones((1, 1, 1))
+
+    y, _ = kernel_scan(jnp.zeros_like(dt), dt, A, ones, ones, jnp.ones((1, 4096, 1)))
+
+    exponent = -np.asarray(dt, np.float64).ravel()
+    expected = np.exp(exponent)
+    got = np.asarray(y, np.float64).ravel()
+    normal = expected > np.finfo(np.float32).tiny
+    assert normal.sum() > 2900
+    assert (~normal).sum() > 1000
+    # Rounding the exponent to float32 (A log2(e), then times dt) moves the result by up to about
+    # |exponent| 2^-23 relative. The polynomial and the rounding of the result add about 2e-7.
+    relative_error = np.abs(got[normal] / expected[normal] - 1)
+    assert (relative_error <= 3e-7 + np.abs(exponent[normal]) * 2.0 ** -23).all()
+    assert (got[~normal] <= np.finfo(np.float32).tiny).all()
+
+
 def test_kernel_rejects_state_size_above_64():
     args = random_inputs(1, 4, 16, 65)
 
@@ -320,6 +360,31 @@ def test_no_compiler_falls_back_with_warning(tmp_path):
     assert len(warnings) == 1, result.stderr
     assert "needs a C++ compiler" in warnings[0]
     assert "apt install g++" in warnings[0]
+
+
+def _has_avx512f() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (_has_avx512f() and shutil.which("g++")),
+                    reason="needs g++ and a CPU with AVX-512, whose build takes the other path")
+def test_portable_build_matches_references(tmp_path):
+    # The kernel's exp has a path for AVX-512 and a portable one. Build the portable one on this
+    # CPU and run the value and gradient tests against it.
+    environment = dict(os.environ, CXX="g++ -mno-avx512f", JAX_PLATFORMS="cpu",
+                       **{cpu_kernel.CACHE_ENV: str(tmp_path / "cache")})
+    tests = "2-50-40-16 or extreme_inputs or underflowing or one_step_decay"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+        capture_output=True, text=True, env=environment, timeout=600, check=False,
+        cwd=REPOSITORY)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\b5 passed", result.stdout), result.stdout[-3000:]
 
 
 @pytest.fixture
