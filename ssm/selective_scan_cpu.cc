@@ -93,6 +93,14 @@ inline Vec Exp2(Vec v) {
 }
 #endif
 
+// Sums over the state index run in kSums partial sums, so that kSums additions can be in flight
+// at once rather than one at a time.
+constexpr int kSums = 4;
+
+inline Vec Total(const Vec (&partial)[kSums]) {
+  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
 constexpr float kLog2E = 1.44269504088896341f;
 constexpr float kLn2 = 0.69314718055994531f;
 
@@ -250,13 +258,13 @@ void ForwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0,
     const Vec dt_x = dt_t * Load(row.x + t * E + e0);
     const float* B_t = row.B + t * kN;
     const float* C_t = row.C + t * kN;
-    Vec y_t = Splat(0.f);
+    Vec y_t[kSums] = {};
 #pragma GCC unroll 64
     for (int n = 0; n < kN; ++n) {
       h[n] = Exp2(dt_t * A2_n[n]) * h[n] + dt_x * B_t[n];
-      y_t += h[n] * C_t[n];
+      y_t[n % kSums] += h[n] * C_t[n];
     }
-    Store(row.y + t * E + e0, y_t);
+    Store(row.y + t * E + e0, Total(y_t));
   }
   if constexpr (kGated) {
     const Vec D = Load(shared.D + e0);
@@ -316,15 +324,15 @@ void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0,
     const int64_t i = t - start;
     const Vec dt_t = scratch.step_sizes[i];
     const Vec dt_x = dt_t * Load(row.x + t * E + e0);
-    Vec y_t = Splat(0.f);
+    Vec y_t[kSums] = {};
 #pragma GCC unroll 64
     for (int n = 0; n < kN; ++n) {
       scratch.decays[i][n] = Exp2(dt_t * A2_n[n]);
       scratch.states[i + 1][n] =
           scratch.decays[i][n] * scratch.states[i][n] + dt_x * row.B[t * kN + n];
-      if constexpr (kGated) y_t += scratch.states[i + 1][n] * row.C[t * kN + n];
+      if constexpr (kGated) y_t[n % kSums] += scratch.states[i + 1][n] * row.C[t * kN + n];
     }
-    scratch.outputs[i] = y_t;
+    scratch.outputs[i] = Total(y_t);
   }
 
   // Cotangent of y_t; in the gated form, through the gate, with the gradients of z and D.
@@ -353,25 +361,26 @@ void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0,
     const Vec x_t = Load(row.x + t * E + e0);
     const Vec dt_x = dt_t * x_t;
     const Vec dy_t = scratch.dy[i];
-    Vec d_dt_x = Splat(0.f), d_dt_A2 = Splat(0.f), dB_n[kN], dC_n[kN];
+    Vec d_dt_x[kSums] = {}, d_dt_A2[kSums] = {}, dB_n[kN], dC_n[kN];
 #pragma GCC unroll 64
     for (int n = 0; n < kN; ++n) {
       // Cotangent of h_t: from y_t, and from h_{t+1} through its decay (already in dh).
       const Vec g = dh[n] + dy_t * row.C[t * kN + n];
       dC_n[n] = scratch.states[i + 1][n] * dy_t;
       dB_n[n] = g * dt_x;
-      d_dt_x += g * row.B[t * kN + n];
+      d_dt_x[n % kSums] += g * row.B[t * kN + n];
       // Cotangent of dt * A, through decay = exp(dt * A).
       const Vec d_dt_A = g * scratch.states[i][n] * scratch.decays[i][n];
-      d_dt_A2 += d_dt_A * A2_n[n];
+      d_dt_A2[n % kSums] += d_dt_A * A2_n[n];
       dA_n[n] += d_dt_A * dt_t;
       dh[n] = scratch.decays[i][n] * g;
     }
     AddSumsOfLanes<kN>(dB_n, grad.dB + t * kN);
     AddSumsOfLanes<kN>(dC_n, grad.dC + t * kN);
-    Vec dx = d_dt_x * dt_t;
+    const Vec d_dt_x_sum = Total(d_dt_x);
+    Vec dx = d_dt_x_sum * dt_t;
     // d_dt_A2 sums d_dt_A * A log2(e); times ln 2 it is the sum of d_dt_A * A.
-    Vec d_dt = d_dt_x * x_t + d_dt_A2 * kLn2;
+    Vec d_dt = d_dt_x_sum * x_t + Total(d_dt_A2) * kLn2;
     if constexpr (kGated) {
       dx += dy_t * Load(shared.D + e0);
       d_dt = d_dt * scratch.softplus_slopes[i];  // now the cotangent of the raw step size
