@@ -15,10 +15,14 @@ cross entropy and the backward pass to every parameter, with no optimizer update
 - mambapy: `mambapy.mamba.Mamba` with `pscan=True` (parallel scan), between an embedding and a
   tied head of ours.
 
-Results are tokens per second and the ratio of ours to each.
+Results are tokens per second and the ratio of ours to each. By default each implementation is
+timed in a fresh Python process (`--isolate`), so that none runs after another's compiled code and
+freed memory.
 """
 
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -53,6 +57,15 @@ flags.DEFINE_integer("mambapy_repeats", 3, "Timed steps of mambapy.")
 flags.DEFINE_integer("transformers_repeats", 1,
                      "Timed steps of transformers (one takes minutes on a 2-core CPU).")
 flags.DEFINE_string("out", "benchmarks/results/peers", "Folder for peers.json/.csv/.png.")
+flags.DEFINE_bool("isolate", True,
+                  "Time each implementation in a fresh Python process with the same flags.")
+flags.DEFINE_string("implementation", None,
+                    "Used by --isolate: time only this implementation ('ours:SCAN', 'mambapy' or "
+                    "'transformers') and print its result as one line of JSON.")
+
+# The flags that a fresh process for one implementation gets from the command that starts it.
+PASSED_FLAGS = ("batch", "length", "d_model", "num_layers", "d_state", "expand", "repeats",
+                "mambapy_repeats", "transformers_repeats", "keep_host_memory")
 
 
 def time_ours(tokens: np.ndarray, scan: str) -> tuple[float, int]:
@@ -139,43 +152,78 @@ def time_torch(model, tokens: np.ndarray, repeats: int) -> tuple[float, int]:
     return float(np.median(times)), sum(p.numel() for p in model.parameters())
 
 
+def measure(implementation: str, tokens: np.ndarray) -> dict:
+    """Return the result row of one implementation: its name, median seconds and parameters."""
+    if implementation.startswith("ours:"):
+        scan = implementation.removeprefix("ours:")
+        seconds, num_params = time_ours(tokens, scan)
+        devices = f", {jax.device_count()} devices" if jax.device_count() > 1 else ""
+        name = f"ours ({scan} scan{devices})"
+    else:
+        import torch
+
+        torch.manual_seed(0)
+        name, build, repeats = {
+            "mambapy": ("mambapy (pscan)", build_mambapy_model, FLAGS.mambapy_repeats),
+            "transformers": ("transformers (eager)", build_transformers_model,
+                             FLAGS.transformers_repeats),
+        }[implementation]
+        seconds, num_params = time_torch(build(), tokens, repeats)
+    return {"implementation": name, "seconds": seconds, "parameters": num_params}
+
+
+def measure_in_fresh_process(implementation: str) -> dict:
+    """Return `measure(implementation)` run by a new Python process with this one's flags."""
+    command = [sys.executable, "-m", "benchmarks.peers", f"--implementation={implementation}"]
+    command += [f"--{name}={FLAGS[name].value}" for name in PASSED_FLAGS]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"benchmarks.peers: error: timing {implementation} in a fresh process failed "
+                 f"(exit status {result.returncode}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv):
     host_memory.apply_flag()  # before JAX starts its backend
     del argv
+    unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
+    if unknown:
+        sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "
+                 f"allowed: {', '.join(SCAN_MODES)}")
+    torch_implementations = ["mambapy", "transformers"]
+    allowed = [f"ours:{scan}" for scan in SCAN_MODES] + torch_implementations
+    if FLAGS.implementation is not None and FLAGS.implementation not in allowed:
+        sys.exit(f"benchmarks.peers: error: unknown --implementation={FLAGS.implementation}; "
+                 f"allowed: {', '.join(allowed)}")
     try:
         import torch
     except ImportError:
         sys.exit("benchmarks.peers: error: PyTorch is not installed in this environment; "
                  "install the `peers` extra into a separate one: python3 -m venv /tmp/venv-peers "
                  "&& /tmp/venv-peers/bin/pip install -e '.[peers]'")
-    unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
-    if unknown:
-        sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "
-                 f"allowed: {', '.join(SCAN_MODES)}")
     if FLAGS.batch < 1 or FLAGS.batch % jax.device_count():
         sys.exit(f"benchmarks.peers: error: --batch={FLAGS.batch} must be a positive multiple of "
                  f"the {jax.device_count()} devices the batch is split over")
 
-    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, 256, (FLAGS.batch, FLAGS.length + 1), np.int32)
+    if FLAGS.implementation is not None:
+        print(json.dumps(measure(FLAGS.implementation, tokens)))
+        return
+
     info = common.machine()
     info["torch_version"] = torch.__version__
     info["torch_threads"] = torch.get_num_threads()
-    tokens = np.random.default_rng(0).integers(0, 256, (FLAGS.batch, FLAGS.length + 1), np.int32)
+    info["isolated_processes"] = FLAGS.isolate
     num_tokens = FLAGS.batch * FLAGS.length
 
     rows = []
-    for scan in FLAGS.scans:
-        seconds, num_params = time_ours(tokens, scan)
-        devices = f", {jax.device_count()} devices" if jax.device_count() > 1 else ""
-        rows.append({"implementation": f"ours ({scan} scan{devices})", "seconds": seconds,
-                     "parameters": num_params})
-        print(f"ours, {scan}: {seconds:.3f} s", flush=True)
-    for name, build, repeats in (
-            ("mambapy (pscan)", build_mambapy_model, FLAGS.mambapy_repeats),
-            ("transformers (eager)", build_transformers_model, FLAGS.transformers_repeats)):
-        seconds, num_params = time_torch(build(), tokens, repeats)
-        rows.append({"implementation": name, "seconds": seconds, "parameters": num_params})
-        print(f"{name}: {seconds:.3f} s", flush=True)
+    for implementation in [f"ours:{scan}" for scan in FLAGS.scans] + torch_implementations:
+        if FLAGS.isolate:
+            row = measure_in_fresh_process(implementation)
+        else:
+            row = measure(implementation, tokens)
+        rows.append(row)
+        print(f"{row['implementation']}: {row['seconds']:.3f} s", flush=True)
 
     best_ours = min((r for r in rows if r["implementation"].startswith("ours")),
                     key=lambda r: r["seconds"])

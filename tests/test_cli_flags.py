@@ -488,6 +488,19 @@ def test_peers_without_pytorch_names_the_extra():
     assert result.stderr.count("\n") == 1
 
 
+def test_peers_unknown_implementation_lists_allowed():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--implementation=ours:fast"], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
+        check=False)
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        "benchmarks.peers: error: unknown --implementation=ours:fast; allowed: "
+        "ours:associative, ours:sequential, ours:chunked, ours:cpu_kernel, mambapy, "
+        "transformers\n")
+
+
 # ---- train.py: config files, variants and config fields
 
 MAMBA_CONFIG = REPO / "configs" / "mamba_lm.py"
