@@ -3,7 +3,7 @@
 Needs the optional `peers` extra, which pulls PyTorch; install it into a separate environment:
 
     python3 -m venv /tmp/venv-peers && /tmp/venv-peers/bin/pip install -e '.[peers]'
-    /tmp/venv-peers/bin/python -m benchmarks.peers    # defaults: about 10 minutes on 2 CPU cores
+    /tmp/venv-peers/bin/python -m benchmarks.peers    # defaults: about 3 minutes on 2 CPU cores
 
 All three run the same shapes, by default d_model 256, 4 layers, d_state 16, expand 2, batch 4,
 length 512 and float32. They do the same work: the language-model forward, the mean next-token
@@ -52,10 +52,10 @@ flags.DEFINE_integer("num_layers", 4, "Mamba layers.")
 flags.DEFINE_integer("d_state", 16, "SSM state size.")
 flags.DEFINE_integer("expand", 2, "Expansion factor.")
 flags.DEFINE_list("scans", list(SCAN_MODES), "Our selective scan implementations to time.")
-flags.DEFINE_integer("repeats", 5, "Timed steps of ours; the median is reported.")
-flags.DEFINE_integer("mambapy_repeats", 3, "Timed steps of mambapy.")
+flags.DEFINE_integer("repeats", 10, "Timed steps of ours; the median is reported.")
+flags.DEFINE_integer("mambapy_repeats", 5, "Timed steps of mambapy.")
 flags.DEFINE_integer("transformers_repeats", 1,
-                     "Timed steps of transformers (one takes minutes on a 2-core CPU).")
+                     "Timed steps of transformers (each about 40 s on a 2-core CPU).")
 flags.DEFINE_string("out", "benchmarks/results/peers", "Folder for peers.json/.csv/.png.")
 flags.DEFINE_bool("isolate", True,
                   "Time each implementation in a fresh Python process with the same flags.")
