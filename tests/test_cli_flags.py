@@ -501,6 +501,21 @@ def test_peers_unknown_implementation_lists_allowed():
         "transformers\n")
 
 
+def test_peers_fresh_process_prints_json_row():
+    # What `benchmarks.peers --isolate` runs for each of our scans; it needs no PyTorch.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--implementation=ours:sequential",
+         "--batch=1", "--length=8", "--d_model=16", "--num_layers=1", "--repeats=1"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["implementation"] == "ours (sequential scan)"
+    assert row["seconds"] > 0
+    assert row["parameters"] > 0
+
+
 # ---- train.py: config files, variants and config fields
 
 MAMBA_CONFIG = REPO / "configs" / "mamba_lm.py"

@@ -211,21 +211,39 @@ def test_kernel_underflowing_decay():
     assert np.isfinite(np.asarray(weighted_loss(kernel_scan)(*args)[1][1])).all()
 
 
-# The kernel's gradient is one dot whose first operand is the narrower of x and dy. Both cases.
-@pytest.mark.parametrize("inputs, outputs", [(8, 24), (24, 8)])
-def test_project_matches_einsum(inputs, outputs):
+# The kernel's gradient is one dot whose first operand is the narrower of x and dy. Both cases,
+# with one to three leading axes.
+@pytest.mark.parametrize("leading, inputs, outputs", [
+    ((2, 5), 8, 24),
+    ((2, 5), 24, 8),
+    ((7,), 3, 1),
+    ((2, 3, 2), 1, 5),
+])
+def test_project_matches_einsum(leading, inputs, outputs):
     keys = jax.random.split(jax.random.key(3), 3)
-    x = jax.random.normal(keys[0], (2, 5, inputs))
+    x = jax.random.normal(keys[0], leading + (inputs,))
     kernel = jax.random.normal(keys[1], (inputs, outputs))
-    dy = jax.random.normal(keys[2], (2, 5, outputs))
+    dy = jax.random.normal(keys[2], leading + (outputs,))
 
     y, vjp = jax.vjp(cpu_kernel.project, x, kernel)
-    expected_y, expected_vjp = jax.vjp(lambda x, k: jnp.einsum("bti,io->bto", x, k), x, kernel)
+    expected_y, expected_vjp = jax.vjp(lambda x, k: jnp.einsum("...i,io->...o", x, k), x, kernel)
 
     np.testing.assert_allclose(y, expected_y, rtol=1e-6, atol=1e-6)
     for got, expected in zip(vjp(dy), expected_vjp(dy)):
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_project_cotangents_keep_dtypes():
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    kernel = jnp.ones((8, 3), jnp.float32)
+
+    y, vjp = jax.vjp(cpu_kernel.project, x, kernel)
+    dx, dkernel = vjp(jnp.ones_like(y))
+
+    assert dx.dtype == jnp.bfloat16
+    assert dkernel.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dkernel), np.full((8, 3), 4.0))
 
 
 def test_one_step_decay_is_exp():
@@ -248,6 +266,7 @@ def test_one_step_decay_is_exp():
     relative_error = np.abs(got[normal] / expected[normal] - 1)
     assert (relative_error <= 3e-7 + np.abs(exponent[normal]) * 2.0 ** -23).all()
     assert (got[~normal] <= np.finfo(np.float32).tiny).all()
+    assert (got[~normal] >= 0).all()
 
 
 def test_kernel_rejects_state_size_above_64():
@@ -370,7 +389,7 @@ def _has_avx512f() -> bool:
 
 
 @pytest.mark.skipif(not (_has_avx512f() and shutil.which("g++")),
-                    reason="needs g++ and a CPU with AVX-512, whose build takes the other path")
+                    reason="needs g++ and an AVX-512 CPU to build the portable exp path")
 def test_portable_build_matches_references(tmp_path):
     # The kernel's exp has a path for AVX-512 and a portable one. Build the portable one on this
     # CPU and run the value and gradient tests against it.
