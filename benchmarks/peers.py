@@ -22,6 +22,7 @@ freed memory.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -62,7 +63,8 @@ flags.DEFINE_bool("isolate", True,
                   "repeats and --keep_host_memory.")
 flags.DEFINE_string("implementation", None,
                     "Used by --isolate: time only this implementation ('ours:SCAN', 'mambapy' or "
-                    "'transformers') and print its result as one line of JSON.")
+                    "'transformers') and print its result as one line of JSON, with no files "
+                    "written (--out, --scans and --isolate are then ignored).")
 
 # The flags that a fresh process for one implementation gets from the command that starts it.
 PASSED_FLAGS = ("batch", "length", "d_model", "num_layers", "d_state", "expand", "repeats",
@@ -177,8 +179,11 @@ def measure_in_fresh_process(implementation: str) -> dict:
     """Return `measure(implementation)` run by a new Python process with this one's flags."""
     command = [sys.executable, "-m", "benchmarks.peers", f"--implementation={implementation}"]
     command += [f"--{name}={FLAGS[name].value}" for name in PASSED_FLAGS]
+    # The child runs on this process's backend, which also spares it the search for others.
+    environment = dict(os.environ, JAX_PLATFORMS=jax.default_backend())
     # The child's log lines (such as the warning that the C++ kernel is missing) pass through.
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment,
+                            check=False)
     if result.returncode != 0:
         sys.exit(f"benchmarks.peers: error: timing {implementation} in a fresh process failed "
                  f"with exit status {result.returncode}; its messages are above")
@@ -189,9 +194,21 @@ def measure_in_fresh_process(implementation: str) -> dict:
     return json.loads(lines[-1])
 
 
+def _exit_on_sigterm(signum, frame):
+    """Raise SystemExit, so that `subprocess.run` stops the child it waits for."""
+    del frame
+    raise SystemExit(128 + signum)
+
+
 def main(argv):
     host_memory.apply_flag()  # before JAX starts its backend
     del argv
+    try:
+        common.check_at_least_one(FLAGS, ["batch", "length", "d_model", "num_layers", "d_state",
+                                          "expand", "repeats", "mambapy_repeats",
+                                          "transformers_repeats"])
+    except ValueError as error:
+        sys.exit(f"benchmarks.peers: error: {error}")
     unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
     if unknown:
         sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "
@@ -224,6 +241,8 @@ def main(argv):
     info["isolated_processes"] = FLAGS.isolate
     num_tokens = FLAGS.batch * FLAGS.length
 
+    if FLAGS.isolate:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rows = []
     for implementation in [f"ours:{scan}" for scan in FLAGS.scans] + torch_implementations:
         if FLAGS.isolate:

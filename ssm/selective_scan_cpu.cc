@@ -59,8 +59,9 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 //
 // With AVX-512, one instruction each rounds v and multiplies by 2^k (vrndscaleps, vscalefps).
 // Results below 2^-126 are then subnormal, or 0 where flush-to-zero is on, as in XLA's CPU
-// runtime. Inputs of 128 and above give +inf. Elsewhere 2^k is built in the exponent bits,
-// inputs below -126 give 0, and inputs above 127 give 2^127. The two agree for -126 <= v < 128.
+// runtime, and inputs of 128 and above give +inf. Elsewhere 2^k is built in the exponent bits,
+// inputs below -126 give 0, and inputs from 127.5 up give +inf, although float32 could still
+// hold 2^v up to v = 128.
 inline Vec Exp2Polynomial(Vec r) {
   Vec p = Splat(1.5349588618278034e-04f);
   p = p * r + 1.3401420163671495e-03f;
@@ -82,7 +83,8 @@ inline Vec Exp2(Vec v) {
 }
 #else
 inline Vec Exp2(Vec v) {
-  const Vec lowest = Splat(-126.f), highest = Splat(127.f);
+  // k = 128 gives the exponent bits of +inf.
+  const Vec lowest = Splat(-126.f), highest = Splat(128.f);
   Vec clamped = v < lowest ? lowest : v;
   clamped = clamped > highest ? highest : clamped;
   // Adding 1.5 * 2^23 rounds a float of magnitude below 2^22 to an integer.

@@ -269,6 +269,24 @@ def test_one_step_decay_is_exp():
     assert (got[~normal] >= 0).all()
 
 
+def test_one_step_growth_overflows_to_inf():
+    # With A > 0 the same step gives exp(dt * A) > 1, which float32 cannot hold above about 88.72.
+    # The portable build overflows from 88.37 (2^127.5) on.
+    dt = jnp.linspace(0.0, 100.0, 1024).reshape(1, 1, 1024)
+    ones = jnp.ones((1, 1, 1))
+
+    y, _ = kernel_scan(jnp.zeros_like(dt), dt, jnp.ones((1024, 1)), ones, ones,
+                       jnp.ones((1, 1024, 1)))
+
+    exponent = np.asarray(dt, np.float64).ravel()
+    got = np.asarray(y, np.float64).ravel()
+    finite = exponent < 88.3
+    assert np.isfinite(got[finite]).all()
+    np.testing.assert_allclose(got[finite], np.exp(exponent[finite]),
+                               rtol=3e-7 + 88.3 * 2.0 ** -23)
+    assert (got[exponent > 88.8] == np.inf).all()
+
+
 def test_kernel_rejects_state_size_above_64():
     args = random_inputs(1, 4, 16, 65)
 
@@ -395,7 +413,7 @@ def test_portable_build_matches_references(tmp_path):
     # CPU and run the value and gradient tests against it.
     environment = dict(os.environ, CXX="g++ -mno-avx512f", JAX_PLATFORMS="cpu",
                        **{cpu_kernel.CACHE_ENV: str(tmp_path / "cache")})
-    tests = "2-50-40-16 or extreme_inputs or underflowing or one_step_decay"
+    tests = "2-50-40-16 or extreme_inputs or underflowing or one_step"
 
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
@@ -403,7 +421,7 @@ def test_portable_build_matches_references(tmp_path):
         cwd=REPOSITORY)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"\b5 passed", result.stdout), result.stdout[-3000:]
+    assert re.search(r"\b6 passed", result.stdout), result.stdout[-3000:]
 
 
 @pytest.fixture
