@@ -347,7 +347,7 @@ class MambaMixer(nnx.Module):
     def _prefill_with_gated_kernel(self, x_btd, cache):
         """`prefill` without a mask, with the step size, scan, D skip and gate in one kernel,
         and in float32 with whole blocks of 16 channels, the conv and SiLU in another. The
-        projections run through `cpu_kernel.project`, whose gradient copies less."""
+        projections run through `cpu_kernel.project` (in_proj only in that float32 case)."""
         config = self.config
 
         def f32(array):
