@@ -176,10 +176,11 @@ def measure(implementation: str, tokens: np.ndarray) -> dict:
 
 
 def measure_in_fresh_process(implementation: str) -> dict:
-    """Return `measure(implementation)` run by a new Python process with this one's flags."""
+    """Return `measure(implementation)` run by a new Python process with this one's sizes,
+    repeats and --keep_host_memory (`PASSED_FLAGS`)."""
     command = [sys.executable, "-m", "benchmarks.peers", f"--implementation={implementation}"]
     command += [f"--{name}={FLAGS[name].value}" for name in PASSED_FLAGS]
-    # The child runs on this process's backend, which also spares it the search for others.
+    # The child runs on this process's backend, so it does not probe for others (TPU, GPU).
     environment = dict(os.environ, JAX_PLATFORMS=jax.default_backend())
     # The child's log lines (such as the warning that the C++ kernel is missing) pass through.
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment,
