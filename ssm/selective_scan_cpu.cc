@@ -301,6 +301,7 @@ struct IntervalScratch {
   Vec states[kInterval + 1][kN];  // before each step, and after the last
   Vec decays[kInterval][kN];
   Vec step_sizes[kInterval], softplus_slopes[kInterval], outputs[kInterval], dy[kInterval];
+  Vec dz[kInterval];  // gated form: the cotangent of z, stored to memory after the inputs are read
 };
 
 // The same interval and channels, backward, from the state kept at its start. As in the
@@ -349,14 +350,21 @@ void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0,
       const Vec sigmoid_z = Sigmoid(z_t);
       const Vec ungated = scratch.outputs[i] + Load(shared.D + e0) * Load(row.x + t * E + e0);
       // d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z))).
-      Store(grad.dz + t * E + e0,
-            d_out * ungated * sigmoid_z * (1.f + z_t * (1.f - sigmoid_z)));
+      scratch.dz[i] = d_out * ungated * sigmoid_z * (1.f + z_t * (1.f - sigmoid_z));
       scratch.dy[i] = d_out * z_t * sigmoid_z;
       dD += scratch.dy[i] * Load(row.x + t * E + e0);
     } else {
       scratch.dy[i] = d_out;
     }
   }
+
+  // XLA places its buffers at the same offset modulo 4 KiB, and rows of e = 512 floats are
+  // 2 KiB long, so dz at step t and the inputs at step t + 2 share their address bits 0-11. A
+  // load whose low address bits match a store still in flight waits for it (4K aliasing); with
+  // dz stored inside the loop above, the backward pass took about 9% longer (b=2, t=512, e=512,
+  // n=16, buffers 4 KiB aligned as XLA's are).
+  if constexpr (kGated)
+    for (int64_t t = start; t < end; ++t) Store(grad.dz + t * E + e0, scratch.dz[t - start]);
 
   Vec d_dt_bias = Splat(0.f);
   for (int64_t t = end - 1; t >= start; --t) {
@@ -373,11 +381,12 @@ void BackwardInterval(const Sizes& s, int64_t start, int64_t end, int64_t e0,
       dC_n[n] = scratch.states[i + 1][n] * dy_t;
       dB_n[n] = g * dt_x;
       d_dt_x[n % kSums] += g * row.B[t * kN + n];
-      // Cotangent of dt * A, through decay = exp(dt * A).
-      const Vec d_dt_A = g * scratch.states[i][n] * scratch.decays[i][n];
+      dh[n] = scratch.decays[i][n] * g;
+      // Cotangent of dt * A, through decay = exp(dt * A): g * h_{t-1} * decay, the new dh
+      // times h_{t-1}.
+      const Vec d_dt_A = dh[n] * scratch.states[i][n];
       d_dt_A2[n % kSums] += d_dt_A * A2_n[n];
       dA_n[n] += d_dt_A * dt_t;
-      dh[n] = scratch.decays[i][n] * g;
     }
     AddSumsOfLanes<kN>(dB_n, grad.dB + t * kN);
     AddSumsOfLanes<kN>(dC_n, grad.dC + t * kN);
