@@ -9,7 +9,9 @@ All three run the same shapes, by default d_model 256, 4 layers, d_state 16, exp
 length 512 and float32. They do the same work: the language-model forward, the mean next-token
 cross entropy and the backward pass to every parameter, with no optimizer update.
 
-- ours: `models.registry.build_model` Mamba, `jax.value_and_grad` under `jax.jit`.
+- ours: `models.registry.build_model` Mamba under `jax.jit`, its loss and gradients from
+  `training.steps.data_parallel_loss_and_grads`, as `train.py` computes them with replicated
+  parameters.
 - transformers: `MambaForCausalLM` with `use_mambapy=False`, which without the CUDA kernels is
   its eager PyTorch path (a Python loop over time steps).
 - mambapy: `mambapy.mamba.Mamba` with `pscan=True` (parallel scan), between an embedding and a
@@ -17,7 +19,8 @@ cross entropy and the backward pass to every parameter, with no optimizer update
 
 Results are tokens per second and the ratio of ours to each. By default each implementation is
 timed in a fresh Python process (`--isolate`), so that none runs after another's compiled code and
-freed memory.
+freed memory. A fresh process that runs longer than `--child_timeout` seconds (default 1800) is
+stopped, and the benchmark exits with an error that names it.
 """
 
 import json
@@ -43,6 +46,7 @@ from data.tokenizer import VOCAB_SIZE  # noqa: E402
 from ssm import SCAN_MODES  # noqa: E402
 from training import host_memory  # noqa: E402
 from training.sharding import DATA_AXIS, data_mesh  # noqa: E402
+from training.steps import data_parallel_loss_and_grads  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
@@ -61,6 +65,9 @@ flags.DEFINE_string("out", "benchmarks/results/peers", "Folder for peers.json/.c
 flags.DEFINE_bool("isolate", True,
                   "Time each implementation in a fresh Python process with the same sizes, "
                   "repeats and --keep_host_memory.")
+flags.DEFINE_float("child_timeout", 1800,
+                   "Seconds that each fresh process of --isolate may run before it is stopped and "
+                   "the benchmark exits with an error; 0 for no limit.")
 flags.DEFINE_string("implementation", None,
                     "Used by --isolate: time only this implementation ('ours:SCAN', 'mambapy' or "
                     "'transformers') and print its result as one line of JSON, with no files "
@@ -77,21 +84,24 @@ def time_ours(tokens: np.ndarray, scan: str) -> tuple[float, int]:
                                         d_state=FLAGS.d_state, expand=FLAGS.expand, scan=scan)
     graphdef, params, rest = nnx.split(model_configs.build(config), nnx.Param, ...)
 
-    @jax.jit
-    def loss_and_grads(params, tokens_bt):
-        def mean_loss(params):
-            logits_btv = nnx.merge(graphdef, params, rest)(tokens_bt[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(
-                logits_btv, tokens_bt[:, 1:]).mean()
-
-        return jax.value_and_grad(mean_loss)(params)
+    def summed_loss(params, rest, tokens_bt):
+        logits_btv = nnx.merge(graphdef, params, rest)(tokens_bt[:, :-1])
+        losses_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:])
+        return losses_bt.sum(), jnp.asarray(losses_bt.size, jnp.float32)
 
     # With several devices (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N), the
     # batch is split over them and the parameters replicated, as `train.py` does.
     mesh = data_mesh()
+
+    @jax.jit
+    def loss_and_grads(params, rest, tokens_bt):
+        # One micro-batch: (1, b, t + 1).
+        return data_parallel_loss_and_grads(summed_loss, params, rest, tokens_bt[None], mesh)
+
     tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    seconds = common.median_seconds(lambda: loss_and_grads(params, tokens), repeats=FLAGS.repeats)
+    params, rest = jax.device_put((params, rest), NamedSharding(mesh, PartitionSpec()))
+    seconds = common.median_seconds(lambda: loss_and_grads(params, rest, tokens),
+                                    repeats=FLAGS.repeats)
     return seconds, sum(leaf.size for leaf in jax.tree.leaves(params))
 
 
@@ -177,14 +187,20 @@ def measure(implementation: str, tokens: np.ndarray) -> dict:
 
 def measure_in_fresh_process(implementation: str) -> dict:
     """Return `measure(implementation)` run by a new Python process with this one's sizes,
-    repeats and --keep_host_memory (`PASSED_FLAGS`)."""
+    repeats and --keep_host_memory (`PASSED_FLAGS`); exit with an error if it fails or runs
+    longer than --child_timeout."""
     command = [sys.executable, "-m", "benchmarks.peers", f"--implementation={implementation}"]
     command += [f"--{name}={FLAGS[name].value}" for name in PASSED_FLAGS]
     # The child runs on this process's backend, so it does not probe for others (TPU, GPU).
     environment = dict(os.environ, JAX_PLATFORMS=jax.default_backend())
     # The child's log lines (such as the warning that the C++ kernel is missing) pass through.
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment,
-                            check=False)
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment,
+                                check=False, timeout=FLAGS.child_timeout or None)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the child
+        sys.exit(f"benchmarks.peers: error: timing {implementation} in a fresh process timed "
+                 f"out after {FLAGS.child_timeout:g} seconds (--child_timeout), and the process "
+                 f"was stopped; raise --child_timeout, or pass --child_timeout=0 for no limit")
     if result.returncode != 0:
         sys.exit(f"benchmarks.peers: error: timing {implementation} in a fresh process failed "
                  f"with exit status {result.returncode}; its messages are above")
@@ -210,6 +226,9 @@ def main(argv):
                                           "transformers_repeats"])
     except ValueError as error:
         sys.exit(f"benchmarks.peers: error: {error}")
+    if FLAGS.child_timeout < 0:
+        sys.exit(f"benchmarks.peers: error: --child_timeout={FLAGS.child_timeout:g} must be 0 "
+                 f"(no limit) or a positive number of seconds")
     unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
     if unknown:
         sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "

@@ -516,6 +516,54 @@ def test_peers_fresh_process_prints_json_row():
     assert row["parameters"] > 0
 
 
+# What `benchmarks.peers` runs for each implementation with --isolate, called without PyTorch
+# (CI has none): flags parsed as the command line would, then one fresh process.
+PEERS_FRESH_PROCESS = """
+import sys
+from benchmarks import peers
+peers.FLAGS(["peers"] + sys.argv[1:])
+print(peers.measure_in_fresh_process("ours:sequential"))
+"""
+TINY_PEERS = ["--batch=1", "--length=8", "--d_model=16", "--num_layers=1", "--repeats=1"]
+
+
+def run_peers_parent(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", PEERS_FRESH_PROCESS, *TINY_PEERS, *flags], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"), capture_output=True,
+        text=True, timeout=300, check=False)
+
+
+def test_peers_stops_a_fresh_process_past_child_timeout():
+    # Importing JAX alone takes the fresh process longer than 0.01 s.
+    result = run_peers_parent("--child_timeout=0.01")
+
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        "benchmarks.peers: error: timing ours:sequential in a fresh process timed out after "
+        "0.01 seconds (--child_timeout), and the process was stopped; raise --child_timeout, "
+        "or pass --child_timeout=0 for no limit\n")
+    assert result.stdout == ""
+
+
+def test_peers_child_timeout_zero_means_no_limit():
+    result = run_peers_parent("--child_timeout=0")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'implementation': 'ours (sequential scan)'" in result.stdout
+
+
+def test_peers_negative_child_timeout_is_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--child_timeout=-5"], cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
+        check=False)
+
+    assert result.returncode == 1
+    assert result.stderr == ("benchmarks.peers: error: --child_timeout=-5 must be 0 (no limit) "
+                             "or a positive number of seconds\n")
+
+
 # ---- train.py: config files, variants and config fields
 
 MAMBA_CONFIG = REPO / "configs" / "mamba_lm.py"

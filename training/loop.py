@@ -288,9 +288,16 @@ def _run_steps(config, state, source, mesh, manager, writer, stop, workdir) -> T
     num_steps = train.num_steps
     tokens_per_step = data_config.batch_size * data_config.seq_len
 
+    shardings = state_shardings(state, config, mesh)
+    # With every parameter replicated (plain data parallelism), each device computes its rows'
+    # gradients and the sums over devices are a few large all-reduces (training/gradients.py).
+    replicated_params = all(all(axis is None for axis in sharding.spec)
+                            for sharding in jax.tree.leaves(shardings.params))
+    data_parallel_mesh = mesh if replicated_params and mesh.size > 1 else None
     # Fixed output shardings keep the parameters where the sharding rules put them.
-    train_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn), donate_argnums=0,
-                       out_shardings=(state_shardings(state, config, mesh), replicated(mesh)))
+    train_fn = jax.jit(functools.partial(train_step, loss_fn=source.loss_fn,
+                                         data_parallel_mesh=data_parallel_mesh),
+                       donate_argnums=0, out_shardings=(shardings, replicated(mesh)))
     eval_fn = jax.jit(source.eval_fn)
     # Task batches are dicts of (b, t) arrays; each array is placed like a token batch.
     validation = [jax.tree.map(lambda rows: global_eval_batch(rows, mesh), batch)

@@ -9,6 +9,7 @@ Batches are int32 byte tokens. A training batch has shape (a, m, t + 1): `a` mic
 Position i predicts token i + 1.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -17,6 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from training.gradients import psum_packed
+from training.sharding import batch_axes
 
 LN_2 = math.log(2.0)
 
@@ -67,7 +72,8 @@ def _mean_loss(params: Any, state: TrainState, tokens_bt: jax.Array, loss_fn) ->
     return loss_sum / count
 
 
-def train_step(state: TrainState, batch_amt: jax.Array, loss_fn=sequence_loss
+def train_step(state: TrainState, batch_amt: jax.Array, loss_fn=sequence_loss,
+               data_parallel_mesh: Mesh | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Take one optimizer step on a batch of `a` micro-batches (a, m, t + 1).
 
@@ -75,10 +81,34 @@ def train_step(state: TrainState, batch_amt: jax.Array, loss_fn=sequence_loss
     on token rows; `training.tasks.masked_loss` takes a dict batch whose arrays are (a, m, t).
     Bind it with `functools.partial` before `jax.jit`.
 
+    With `data_parallel_mesh`, whose devices must all hold the whole state, the gradients come
+    from `data_parallel_loss_and_grads` (each device computes its rows, and the sums over devices
+    are few large all-reduces); without it, `jax.jit` partitions the step by the shardings of
+    its inputs. Both give the same loss and gradients up to float rounding.
+
     Returns the new state and metrics of this step: the mean loss in nats per token over the
     whole batch, the global gradient norm before clipping, the learning rate used, and the
     global norm of the updated parameters.
     """
+    if data_parallel_mesh is None:
+        loss, grads = _loss_and_grads(state, batch_amt, loss_fn)
+    else:
+        loss, grads = data_parallel_loss_and_grads(loss_fn, state.params, state, batch_amt,
+                                                   data_parallel_mesh)
+
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": state.learning_rate(state.step),
+        "param_norm": optax.global_norm(params),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def _loss_and_grads(state: TrainState, batch_amt: jax.Array, loss_fn) -> tuple[jax.Array, Any]:
+    """Return the mean over micro-batches of each one's mean loss, and its gradients."""
     grad_fn = jax.value_and_grad(_mean_loss)
 
     def accumulate(carry, tokens_mt):
@@ -96,16 +126,57 @@ def train_step(state: TrainState, batch_amt: jax.Array, loss_fn=sequence_loss
     num_micro_batches = jax.tree.leaves(batch_amt)[0].shape[0]
     loss = loss_total / num_micro_batches
     grads = jax.tree.map(lambda g: g / num_micro_batches, grads_total)
+    return loss, grads
 
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "learning_rate": state.learning_rate(state.step),
-        "param_norm": optax.global_norm(params),
-    }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+def data_parallel_loss_and_grads(loss_fn, params: Any, context: Any, batch_amt: Any, mesh: Mesh
+                                 ) -> tuple[jax.Array, Any]:
+    """Return the mean over micro-batches of each one's mean loss, and its gradients, with each
+    device computing the loss and gradients of its own rows.
+
+    `loss_fn(params, context, micro_batch) -> (loss_sum, count)`. `params` and `context` are
+    replicated on every device of `mesh`, and the rows (axis 1) of every array of `batch_amt`
+    (a, m, ...) are split over its batch axes, as `train_batch_sharding` places them. Each
+    device sums its rows' losses and gradients, and `psum_packed` sums them over the devices
+    once per step, in a few large all-reduces (see `training/gradients.py`). With several
+    micro-batches, the token count of each is also summed over the devices before its mean.
+    """
+    axes = batch_axes(mesh)
+    local = functools.partial(_local_loss_and_grads, loss_fn, axes=axes)
+    # check_vma=False: the custom gradient rules of `ssm.cpu_kernel` do not mark their outputs
+    # as varying over devices. The out_specs hold because every output comes out of a psum.
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(),
+                                                     PartitionSpec(None, axes)),
+                         out_specs=PartitionSpec(), check_vma=False)(params, context, batch_amt)
+
+
+def _local_loss_and_grads(loss_fn, params: Any, context: Any, batch_amt: Any, *,
+                          axes: tuple[str, ...]) -> tuple[jax.Array, Any]:
+    """Inside `jax.shard_map`: this device's share of `data_parallel_loss_and_grads`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    num_micro_batches = jax.tree.leaves(batch_amt)[0].shape[0]
+    if num_micro_batches == 1:
+        # The count joins the one sum over devices, so the devices meet only once.
+        (loss_sum, count), grads = grad_fn(params, context, jax.tree.map(lambda x: x[0],
+                                                                          batch_amt))
+        loss_sum, count, grads = psum_packed((loss_sum, count, grads), axes)
+        return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+
+    def accumulate(carry, batch_mt):
+        loss_total, grads_total = carry
+        (loss_sum, count), grads = grad_fn(params, context, batch_mt)
+        # The micro-batch's count over all devices: the sums below then add up to its mean.
+        count = jax.lax.psum(count, axes)
+        grads_total = jax.tree.map(lambda total, g: total + g / count, grads_total, grads)
+        return (loss_total + loss_sum / count, grads_total), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_total, grads_total), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros), batch_amt)
+
+    loss_total, grads_total = psum_packed((loss_total, grads_total), axes)
+    return (loss_total / num_micro_batches,
+            jax.tree.map(lambda g: g / num_micro_batches, grads_total))
 
 
 def eval_step(state: TrainState, batch_bt: jax.Array) -> dict[str, jax.Array]:
