@@ -502,9 +502,9 @@ def _project_backward(residuals, dy):
     if x.shape[-1] <= dy.shape[-1]:
         dkernel = jax.lax.dot_general(x, dy, contract_leading)
     else:
-        # Without the barrier XLA folds the transpose into the dot, which then runs outside
-        # YNNPACK after a copy of x (jax 0.10.2); the step of `benchmarks/peers.py` on 2 devices
-        # took about 3.5% longer.
+        # Without the barrier XLA folds the transpose into the dot (jax 0.10.2). That dot then
+        # runs outside YNNPACK after a copy of x, and the step of `benchmarks/peers.py` took 2 to
+        # 4% longer.
         dkernel = jax.lax.optimization_barrier(jax.lax.dot_general(dy, x, contract_leading)).T
     dx = jnp.einsum("...o,io->...i", dy, kernel)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
