@@ -73,6 +73,8 @@ flags.DEFINE_string("implementation", None,
                     "'transformers') and print its result as one line of JSON, with no files "
                     "written (--out, --scans and --isolate are then ignored).")
 
+MAX_CHILD_TIMEOUT = 2_147_483  # seconds, about 24.8 days
+
 # The flags that a fresh process for one implementation gets from the command that starts it.
 PASSED_FLAGS = ("batch", "length", "d_model", "num_layers", "d_state", "expand", "repeats",
                 "mambapy_repeats", "transformers_repeats", "keep_host_memory")
@@ -226,9 +228,10 @@ def main(argv):
                                           "transformers_repeats"])
     except ValueError as error:
         sys.exit(f"benchmarks.peers: error: {error}")
-    if FLAGS.child_timeout < 0:
-        sys.exit(f"benchmarks.peers: error: --child_timeout={FLAGS.child_timeout:g} must be 0 "
-                 f"(no limit) or a positive number of seconds")
+    # subprocess.run's wait takes at most 2**31 - 1 milliseconds (Python 3.11 on Linux).
+    if not 0 <= FLAGS.child_timeout <= MAX_CHILD_TIMEOUT:
+        sys.exit(f"benchmarks.peers: error: --child_timeout={FLAGS.child_timeout:g} is invalid; "
+                 f"allowed: 0 (no limit) or seconds up to {MAX_CHILD_TIMEOUT:,}")
     unknown = [s for s in FLAGS.scans if s not in SCAN_MODES]
     if unknown:
         sys.exit(f"benchmarks.peers: error: --scans has unknown modes {', '.join(unknown)}; "

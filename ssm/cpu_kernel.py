@@ -480,7 +480,8 @@ def project(x, kernel):
     """Return x (..., i) @ kernel (i, o), whose kernel gradient is one dot over the leading axes.
 
     JAX's rule for the gradient of kernel is a dot of the cotangent with x followed by a
-    transpose. With the batch split over devices, the sum over devices comes between the two.
+    transpose. With the batch split over devices by `jax.jit`, the sum over devices comes between
+    the two (not under `training.steps.data_parallel_loss_and_grads`, which sums afterwards).
     NOTE: in the HLO of XLA's CPU backend (jax 0.10.2) the transpose then stayed apart from the
     dot, so the output cotangent was first copied into a transposed layout. With this rule the
     dot copies the narrower of x and the cotangent. No test checks the HLO. The training step of

@@ -553,15 +553,17 @@ def test_peers_child_timeout_zero_means_no_limit():
     assert "'implementation': 'ours (sequential scan)'" in result.stdout
 
 
-def test_peers_negative_child_timeout_is_refused():
+@pytest.mark.parametrize("value, shown", [("-5", "-5"), ("nan", "nan"), ("inf", "inf"),
+                                          ("2147484", "2.14748e+06")])
+def test_peers_invalid_child_timeout_is_rejected(value, shown):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.peers", "--child_timeout=-5"], cwd=REPO,
+        [sys.executable, "-m", "benchmarks.peers", f"--child_timeout={value}"], cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60,
         check=False)
 
     assert result.returncode == 1
-    assert result.stderr == ("benchmarks.peers: error: --child_timeout=-5 must be 0 (no limit) "
-                             "or a positive number of seconds\n")
+    assert result.stderr == (f"benchmarks.peers: error: --child_timeout={shown} is invalid; "
+                             "allowed: 0 (no limit) or seconds up to 2,147,483\n")
 
 
 # ---- train.py: config files, variants and config fields

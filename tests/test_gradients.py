@@ -94,6 +94,17 @@ for size in (2, 1):
             "params": [np.asarray(leaf).ravel().tolist()
                        for leaf in jax.tree.leaves(new_state.params)]}
 
+# bfloat16 parameters: the gradients, and so the optimizer state, must keep that dtype.
+params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), state.params)
+state16 = state.replace(params=params16, opt_state=state.tx.init(params16))
+for size in (2, 1):
+    for name, step in [("partitioned", partitioned), ("data_parallel", data_parallel)]:
+        new_state, metrics = step(state16, jax.tree.map(lambda x: x[:size], batch))
+        results[f"{name}_bfloat16_{size}"] = {
+            "metrics": {key: float(value) for key, value in metrics.items()},
+            "dtypes": sorted({str(leaf.dtype) for leaf in jax.tree.leaves(
+                (new_state.params, new_state.opt_state))})}
+
 # The loss by hand: each micro-batch's summed cross entropy over its scored positions, divided
 # by their count, then the mean over micro-batches.
 logits = jnp.stack([model(jnp.asarray(rows)) for rows in inputs])
@@ -157,3 +168,14 @@ def test_data_parallel_step_matches_partitioned_step(two_steps, micro_batches):
 def test_data_parallel_loss_is_mean_of_micro_batch_means(two_steps):
     assert two_steps["data_parallel_2"]["metrics"]["loss"] == pytest.approx(
         two_steps["loss_by_hand"], rel=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 1])
+def test_data_parallel_step_keeps_bfloat16(two_steps, micro_batches):
+    partitioned = two_steps[f"partitioned_bfloat16_{micro_batches}"]
+    data_parallel = two_steps[f"data_parallel_bfloat16_{micro_batches}"]
+    assert partitioned["dtypes"] == ["bfloat16", "int32"]
+    assert data_parallel["dtypes"] == ["bfloat16", "int32"]
+    # Loss and norms agree to bfloat16's precision (8 bits of mantissa).
+    for key, value in partitioned["metrics"].items():
+        assert data_parallel["metrics"][key] == pytest.approx(value, rel=2e-2), key

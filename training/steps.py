@@ -150,6 +150,12 @@ def data_parallel_loss_and_grads(loss_fn, params: Any, context: Any, batch_amt: 
                          out_specs=PartitionSpec(), check_vma=False)(params, context, batch_amt)
 
 
+def _divide(gradient: jax.Array, count: jax.Array) -> jax.Array:
+    """Return gradient / count in the gradient's dtype (the float32 count would promote a
+    bfloat16 gradient, which the optimizer state and the scan carry would then not match)."""
+    return (gradient / count).astype(gradient.dtype)
+
+
 def _local_loss_and_grads(loss_fn, params: Any, context: Any, batch_amt: Any, *,
                           axes: tuple[str, ...]) -> tuple[jax.Array, Any]:
     """Inside `jax.shard_map`: this device's share of `data_parallel_loss_and_grads`."""
@@ -160,14 +166,14 @@ def _local_loss_and_grads(loss_fn, params: Any, context: Any, batch_amt: Any, *,
         (loss_sum, count), grads = grad_fn(params, context, jax.tree.map(lambda x: x[0],
                                                                           batch_amt))
         loss_sum, count, grads = psum_packed((loss_sum, count, grads), axes)
-        return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+        return loss_sum / count, jax.tree.map(lambda g: _divide(g, count), grads)
 
     def accumulate(carry, batch_mt):
         loss_total, grads_total = carry
         (loss_sum, count), grads = grad_fn(params, context, batch_mt)
         # The micro-batch's count over all devices: the sums below then add up to its mean.
         count = jax.lax.psum(count, axes)
-        grads_total = jax.tree.map(lambda total, g: total + g / count, grads_total, grads)
+        grads_total = jax.tree.map(lambda total, g: total + _divide(g, count), grads_total, grads)
         return (loss_total + loss_sum / count, grads_total), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
