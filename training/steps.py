@@ -93,7 +93,10 @@ def train_step(state: TrainState, batch_amt: jax.Array, loss_fn=sequence_loss,
     if data_parallel_mesh is None:
         loss, grads = _loss_and_grads(state, batch_amt, loss_fn)
     else:
-        loss, grads = data_parallel_loss_and_grads(loss_fn, state.params, state, batch_amt,
+        # Without the optimizer state, which the rules may shard even where the parameters are
+        # replicated: shard_map would gather it onto every device for nothing.
+        context = state.replace(opt_state=None)
+        loss, grads = data_parallel_loss_and_grads(loss_fn, state.params, context, batch_amt,
                                                    data_parallel_mesh)
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
