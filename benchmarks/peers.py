@@ -9,9 +9,9 @@ All three run the same shapes, by default d_model 256, 4 layers, d_state 16, exp
 length 512 and float32. They do the same work: the language-model forward, the mean next-token
 cross entropy and the backward pass to every parameter, with no optimizer update.
 
-- ours: `models.registry.build_model` Mamba under `jax.jit`, its loss and gradients from
-  `training.steps.data_parallel_loss_and_grads`, as `train.py` computes them with replicated
-  parameters.
+- ours: `models.registry.build_model` Mamba under `jax.jit`, its loss (`sequence_loss`) and
+  gradients from `training.steps.data_parallel_loss_and_grads`, as `train.py` computes them
+  with replicated parameters.
 - transformers: `MambaForCausalLM` with `use_mambapy=False`, which without the CUDA kernels is
   its eager PyTorch path (a Python loop over time steps).
 - mambapy: `mambapy.mamba.Mamba` with `pscan=True` (parallel scan), between an embedding and a
@@ -34,11 +34,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from benchmarks import common, model_configs  # noqa: E402
@@ -46,7 +44,8 @@ from data.tokenizer import VOCAB_SIZE  # noqa: E402
 from ssm import SCAN_MODES  # noqa: E402
 from training import host_memory  # noqa: E402
 from training.sharding import DATA_AXIS, data_mesh  # noqa: E402
-from training.steps import data_parallel_loss_and_grads  # noqa: E402
+from training.steps import (create_train_state, data_parallel_loss_and_grads,  # noqa: E402
+                            sequence_loss)
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(host_memory)  # --keep_host_memory appears in --help
@@ -84,25 +83,24 @@ def time_ours(tokens: np.ndarray, scan: str) -> tuple[float, int]:
     """Return the median seconds of our forward+backward and the parameter count."""
     config = model_configs.mamba_config(d_model=FLAGS.d_model, num_layers=FLAGS.num_layers,
                                         d_state=FLAGS.d_state, expand=FLAGS.expand, scan=scan)
-    graphdef, params, rest = nnx.split(model_configs.build(config), nnx.Param, ...)
-
-    def summed_loss(params, rest, tokens_bt):
-        logits_btv = nnx.merge(graphdef, params, rest)(tokens_bt[:, :-1])
-        losses_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:])
-        return losses_bt.sum(), jnp.asarray(losses_bt.size, jnp.float32)
+    # train.py's state and loss; no optimizer update is timed, so none is set up.
+    state = create_train_state(model_configs.build(config), optax.identity(),
+                               optax.constant_schedule(0.0))
+    params, context = state.params, state.replace(opt_state=None)
 
     # With several devices (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N), the
     # batch is split over them and the parameters replicated, as `train.py` does.
     mesh = data_mesh()
 
     @jax.jit
-    def loss_and_grads(params, rest, tokens_bt):
+    def loss_and_grads(params, context, tokens_bt):
         # One micro-batch: (1, b, t + 1).
-        return data_parallel_loss_and_grads(summed_loss, params, rest, tokens_bt[None], mesh)
+        return data_parallel_loss_and_grads(sequence_loss, params, context, tokens_bt[None],
+                                            mesh)
 
     tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-    params, rest = jax.device_put((params, rest), NamedSharding(mesh, PartitionSpec()))
-    seconds = common.median_seconds(lambda: loss_and_grads(params, rest, tokens),
+    params, context = jax.device_put((params, context), NamedSharding(mesh, PartitionSpec()))
+    seconds = common.median_seconds(lambda: loss_and_grads(params, context, tokens),
                                     repeats=FLAGS.repeats)
     return seconds, sum(leaf.size for leaf in jax.tree.leaves(params))
 
